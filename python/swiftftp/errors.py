@@ -1,0 +1,39 @@
+"""The small error hierarchy of the proxy, and the device protocol's error codes."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Error codes of the device protocol (PROTOCOL.md, "Error codes")."""
+
+    INTERNAL = 0
+    MALFORMED = 9
+    ACCOUNT_EXISTS = 10
+    BAD_CREDENTIALS = 11
+    INVALID_DEVICE_ID = 12
+    PASV_TIMEOUT = 13
+    CONNECT_FAILED = 14
+    OVER_QUOTA = 15
+
+
+class SwiftFTPError(Exception):
+    """Base class of the proxy's own errors."""
+
+
+class ProtocolError(SwiftFTPError):
+    """A device broke the wire protocol; carries the error code to reply with."""
+
+    def __init__(self, code: ErrorCode, text: str) -> None:
+        super().__init__(f"error {int(code)}: {text}")
+        self.code = code
+        self.text = text
+
+
+class PeerClosed(SwiftFTPError, ConnectionError):
+    """The peer closed the connection before a complete message arrived."""
+
+
+class ConfigError(SwiftFTPError, ValueError):
+    """A configuration value is unknown or invalid; the message names the key."""
