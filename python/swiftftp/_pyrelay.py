@@ -15,6 +15,7 @@ import time
 from collections.abc import Generator, Sequence
 from typing import Any
 
+from . import aio
 from .relay import RelayResult, default_burst
 
 CHUNK = 256 * 1024
@@ -82,16 +83,6 @@ def _refund(chain: Sequence[PyBucket], n: int) -> None:
     for b in chain:
         if b._rate:
             b._tokens = min(b._burst, b._tokens + n)
-
-
-async def _readable(sock: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
 
 
 class PyRelay:
@@ -163,19 +154,18 @@ class PyRelay:
     async def _pump(
         self, src: socket.socket, dst: socket.socket, chain: list[PyBucket], index: int
     ) -> None:
-        loop = asyncio.get_running_loop()
         view = memoryview(bytearray(CHUNK))
         totals = self._backend._totals
         while True:
             if chain:
                 n = await self._throttled_recv(src, view, chain)
             else:
-                n = await loop.sock_recv_into(src, view)
+                n = await aio.recv_into(src, view)
             if n == 0:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
                 return
-            await loop.sock_sendall(dst, view[:n])
+            await aio.sendall(dst, view[:n])
             self._counts[index] += n
             totals[index] += n
             self._last = time.monotonic()
@@ -184,7 +174,7 @@ class PyRelay:
     async def _throttled_recv(src: socket.socket, view: memoryview, chain: list[PyBucket]) -> int:
         # Wait for data before taking tokens, so an idle session holds none of a shared bucket.
         while True:
-            await _readable(src)
+            await aio.wait_readable(src)
             granted, wait = _grant_now(chain, len(view))
             if not granted:
                 await asyncio.sleep(min(wait, MAX_NAP))

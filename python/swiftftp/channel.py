@@ -18,6 +18,7 @@ import termios
 import time
 from typing import Any
 
+from . import aio
 from .errors import PeerClosed
 from .protocol import JsonStreamDecoder, encode
 
@@ -73,12 +74,11 @@ class DeviceChannel:
     async def recv(self) -> dict[str, Any]:
         """The next message; :class:`PeerClosed` at EOF, ``ProtocolError`` on junk."""
         assert self.sock is not None
-        loop = asyncio.get_running_loop()
         while True:
             message = self._decoder.pop()
             if message is not None:
                 return message
-            data = await loop.sock_recv(self.sock, 4096)
+            data = await aio.recv(self.sock, 4096)
             if not data:
                 raise PeerClosed("device closed the connection")
             self.bytes_in += len(data)
@@ -91,7 +91,7 @@ class DeviceChannel:
         data = encode(message)
         async with self._lock:
             await self._settle()
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            await aio.sendall(self.sock, data)
             self.bytes_out += len(data)
             self.last_send = time.monotonic()
             self._unsettled = True

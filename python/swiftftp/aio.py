@@ -1,0 +1,98 @@
+"""Socket operations for asyncio that clean up synchronously when cancelled.
+
+``loop.sock_recv()`` and friends unregister their fd from a done-callback that
+runs one loop iteration *after* a cancellation.  Closing the socket in between
+(the natural thing in a ``finally``) leaves that callback to unregister a
+closed fd, or worse a new socket that reused the number ("No such file or
+directory" from epoll, or a connection that never wakes up).  These helpers
+register a reader or writer only while they wait and remove it in their own
+``finally``, so once a cancelled operation has returned, the socket may be
+closed at once.  They work on the default loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+
+async def _wait(sock: socket.socket, write: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fd = sock.fileno()
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, ready)
+    else:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    await _wait(sock, write=False)
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    await _wait(sock, write=True)
+
+
+async def recv(sock: socket.socket, size: int) -> bytes:
+    while True:
+        try:
+            return sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            await _wait(sock, write=False)
+
+
+async def recv_into(sock: socket.socket, buffer: memoryview) -> int:
+    while True:
+        try:
+            return sock.recv_into(buffer)
+        except (BlockingIOError, InterruptedError):
+            await _wait(sock, write=False)
+
+
+async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            await _wait(sock, write=True)
+            continue
+        view = view[sent:]
+
+
+async def accept(listener: socket.socket) -> tuple[socket.socket, tuple]:
+    """Accept one connection; the new socket is non-blocking."""
+    while True:
+        try:
+            sock, address = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            await _wait(listener, write=False)
+            continue
+        sock.setblocking(False)
+        return sock, address
+
+
+async def connect(sock: socket.socket, address: tuple) -> None:
+    """Connect a non-blocking socket."""
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    await _wait(sock, write=True)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"connect to {address[0]}:{address[1]}: {socket.errno.errorcode.get(err, err)}")

@@ -1,0 +1,208 @@
+"""The FTP client listener: greeting, pre-login dialogue, rendezvous with the
+device, then the relayed control connection with its rewriting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from . import aio
+from .channel import DeviceChannel
+from .devices import login
+from .errors import ErrorCode, PeerClosed, ProtocolError
+from .ftp import (
+    MAX_LINE,
+    Close,
+    Failure,
+    LineSplitter,
+    Lookup,
+    PreLogin,
+    Reply,
+    rewrite_pasv_reply,
+    rewrite_port_command,
+)
+from .net import accept_first, listen_in_range, normalize_ip
+from .protocol import error
+
+if TYPE_CHECKING:
+    from .node import Device, ProxyNode
+
+log = logging.getLogger("swiftftp.clients")
+
+
+class LineReader:
+    """Reads CRLF/LF-terminated lines from a socket, keeping whatever follows."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    async def readline(self) -> bytes:
+        while (end := self.buffer.find(b"\n")) < 0:
+            if len(self.buffer) > MAX_LINE:
+                line, self.buffer = self.buffer, b""
+                return line  # PreLogin refuses it as too long
+            data = await aio.recv(self.sock, 4096)
+            if not data:
+                raise PeerClosed("client closed the connection")
+            self.buffer += data
+        line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
+        return line
+
+
+async def _send_line(sock: socket.socket, text: str) -> None:
+    await aio.sendall(sock, text.encode() + b"\r\n")
+
+
+async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
+    """One FTP client: answer it until it names an online device, then splice it there."""
+    peer_ip, peer_port = sock.getpeername()[:2]
+    peer = f"{peer_ip}:{peer_port}"
+    dialogue = PreLogin(node.settings.max_login_failures)
+    reader = LineReader(sock)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        await _send_line(sock, "220 SwiftFTP proxy ready. Log in as <prefix>_<user>.")
+        async with asyncio.timeout(node.settings.client_login_timeout) as deadline:
+            while True:
+                events = dialogue.on_line(await reader.readline())
+                lookup = next((e for e in events if isinstance(e, Lookup)), None)
+                if lookup:
+                    device = node.online(lookup.prefix)
+                    if device is not None:
+                        deadline.reschedule(None)
+                        break
+                    events = dialogue.unknown_prefix(lookup.prefix)
+                if await _act(sock, peer, events):
+                    return
+    except TimeoutError:
+        await _act(sock, peer, dialogue.timed_out())
+        return
+    except (PeerClosed, OSError):
+        return
+    try:
+        chan = await rendezvous(node, device)
+    except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
+        log.info("client %s: device %s did not take the connection: %s", peer, device.prefix, exc)
+        await _act(sock, peer, dialogue.device_unavailable())
+        return
+    await control_relay(node, device, sock, chan, lookup.user_line + reader.buffer, peer)
+
+
+async def _act(sock: socket.socket, peer: str, events: list) -> bool:
+    """Carry out the dialogue's events; True when the connection should close."""
+    for event in events:
+        if isinstance(event, Reply):
+            with contextlib.suppress(OSError):
+                await _send_line(sock, event.text)
+        elif isinstance(event, Failure):
+            log.info("client %s: login failed: %s", peer, event.reason)
+        elif isinstance(event, Close):
+            log.info("client %s: closing: %s", peer, event.reason)
+            return True
+    return False
+
+
+async def rendezvous(node: ProxyNode, device: Device) -> DeviceChannel:
+    """Ask the device to connect to a fresh port and wait until it has logged in there."""
+    s = node.settings
+    command = device.command
+    if command is None:
+        raise PeerClosed("device went offline")
+    listener = listen_in_range(s.listen, s.data_ports)
+
+    async def logged_in(sock: socket.socket) -> DeviceChannel | None:
+        chan = DeviceChannel(sock, grace=s.device_grace)
+        try:
+            android_id, _ = await login(node, chan)
+        except ProtocolError as exc:
+            with contextlib.suppress(OSError):
+                await chan.send(error(exc.code, exc.text))
+            return None
+        if android_id != device.android_id:
+            log.warning("rendezvous for %s: a different device logged in", device.prefix)
+            with contextlib.suppress(OSError):
+                await chan.send(error(ErrorCode.BAD_CREDENTIALS, "not the device expected here"))
+            return None
+        return chan
+
+    try:
+        await command.notify(
+            {"action": "control_connection_waiting", "port": listener.getsockname()[1]}
+        )
+        _, chan = await accept_first(listener, logged_in, s.rendezvous_timeout)
+    finally:
+        listener.close()
+    return chan
+
+
+async def control_relay(
+    node: ProxyNode,
+    device: Device,
+    client: socket.socket,
+    chan: DeviceChannel,
+    first: bytes,
+    peer: str,
+) -> None:
+    """Relay the control connection, rewriting 227 replies and PORT/EPRT commands."""
+    await chan.settle()  # "{}" must reach the device alone, before the USER line
+    device_sock, early = chan.detach()
+    client_ip = normalize_ip(client.getpeername()[0])
+    public = node.public_address_for(client)
+    counts = [0, 0]
+    last = [time.monotonic()]
+    to_device = LineSplitter(lambda line: rewrite_port_command(line, client_ip))
+    to_client = LineSplitter(lambda line: rewrite_pasv_reply(line, public))
+
+    async def pump(src: socket.socket, dst: socket.socket, lines: LineSplitter, i: int) -> None:
+        while True:
+            data = await aio.recv(src, 65536)
+            last[0] = time.monotonic()
+            if not data:
+                if tail := lines.flush():
+                    await aio.sendall(dst, tail)
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+                return
+            counts[i] += len(data)
+            if out := lines.feed(data):
+                await aio.sendall(dst, out)
+
+    device.control_peers[client_ip] += 1
+    try:
+        with node.session("control", device, peer) as info:
+            info.counters = lambda: (counts[0], counts[1])
+            await aio.sendall(device_sock, to_device.feed(first))
+            if early:
+                await aio.sendall(client, to_client.feed(early))
+            pumps = {
+                asyncio.ensure_future(pump(client, device_sock, to_device, 0)),
+                asyncio.ensure_future(pump(device_sock, client, to_client, 1)),
+            }
+            idle = node.settings.idle_timeout
+            try:
+                while pumps:
+                    timeout = max(0.0, last[0] + idle - time.monotonic())
+                    done, pumps = await asyncio.wait(
+                        pumps, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        task.result()
+                    if not done and time.monotonic() - last[0] >= idle:
+                        raise TimeoutError("control connection idle")
+            finally:
+                for task in pumps:
+                    task.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        device_sock.close()
+        device.control_peers[client_ip] -= 1
+        if device.control_peers[client_ip] <= 0:
+            del device.control_peers[client_ip]

@@ -1,0 +1,212 @@
+"""The FTP side without I/O: the proxy's pre-login dialogue and the rewriting
+of relayed control lines.
+
+Until a client's ``USER <prefix>_<user>`` names a device that is online, the
+proxy itself answers (PROTOCOL.md, "Control connection").  :class:`PreLogin`
+is that dialogue as a small state machine: it takes one line at a time and
+returns what to do, so it is tested without sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: Longest command line accepted before login (RFC 959 has no limit; paths can be long).
+MAX_LINE = 2048
+
+GREETING = "220 SwiftFTP proxy ready. Log in as <prefix>_<user>."
+_PREFIX_RE = re.compile(r"[a-z0-9]{1,32}")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send this reply line (without CRLF) to the client."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the client connection."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """The client asked for device ``prefix``; ``user_line`` is what the device gets."""
+
+    prefix: str
+    user_line: bytes
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed login attempt (unknown prefix, no prefix); counted per client IP too."""
+
+    reason: str
+
+
+Event = Reply | Close | Lookup | Failure
+
+
+def split_command(line: bytes) -> tuple[str, bytes]:
+    """(upper-case verb, argument bytes without the line ending)."""
+    body = line.rstrip(b"\r\n")
+    verb, _, arg = body.partition(b" ")
+    return verb.decode("latin-1").upper(), arg
+
+
+class PreLogin:
+    """The proxy's answers before a device takes over the control connection.
+
+    ``on_line`` returns a list of events; the caller sends replies, closes on
+    :class:`Close`, and on :class:`Lookup` checks the prefix and calls
+    ``unknown_prefix`` if no such device is online.
+    """
+
+    def __init__(self, max_failures: int = 3) -> None:
+        self.max_failures = max_failures
+        self.failures = 0
+        self._anonymous = False  # USER without a prefix was sent: fail the PASS
+        self._verbs: dict[str, Callable[[bytes, bytes], list[Event]]] = {
+            "USER": self._user,
+            "PASS": self._pass,
+            "QUIT": lambda line, arg: [Reply("221 Goodbye."), Close("quit")],
+            "NOOP": lambda line, arg: [Reply("200 NOOP ok.")],
+            # TLS is not offered; a 5xx here makes lftp and FileZilla carry on in plain FTP.
+            "AUTH": lambda line, arg: [Reply("502 TLS is not available through this proxy.")],
+        }
+
+    def on_line(self, line: bytes) -> list[Event]:
+        if len(line) > MAX_LINE:
+            return [Reply("500 Command line too long."), Close("line too long")]
+        verb, arg = split_command(line)
+        if not verb:
+            return [Reply("500 Syntax error, command unrecognized.")]
+        handler = self._verbs.get(verb)
+        if handler is None:
+            return [Reply("530 Please log in with USER <prefix>_<user> first.")]
+        return handler(line, arg)
+
+    def unknown_prefix(self, prefix: str) -> list[Event]:
+        return self._fail(
+            f"530 Device {prefix!r} is not signed in to this proxy.", f"unknown prefix {prefix!r}"
+        )
+
+    def device_unavailable(self) -> list[Event]:
+        """The device was online but did not take the connection in time."""
+        return [Reply("421 The device did not answer; try again later."), Close("rendezvous")]
+
+    def timed_out(self) -> list[Event]:
+        return [Reply("421 Login timeout, closing control connection."), Close("login timeout")]
+
+    def _user(self, line: bytes, arg: bytes) -> list[Event]:
+        self._anonymous = False
+        if not arg.strip():
+            return [Reply("501 Syntax: USER <prefix>_<user>.")]
+        if b"_" not in arg:
+            # Many clients try "anonymous" first; let them send PASS, then explain.
+            self._anonymous = True
+            return [Reply("331 Password required.")]
+        prefix_bytes = arg.split(b"_", 1)[0]
+        prefix = prefix_bytes.decode("latin-1").lower()
+        if not _PREFIX_RE.fullmatch(prefix):
+            return self.unknown_prefix(prefix)
+        start = line.index(arg)  # keep the verb, spacing and line ending as sent
+        user_line = line[:start] + line[start + len(prefix_bytes) + 1 :]
+        return [Lookup(prefix, user_line)]
+
+    def _pass(self, line: bytes, arg: bytes) -> list[Event]:
+        if not self._anonymous:
+            return [Reply("503 Login with USER first.")]
+        self._anonymous = False
+        return self._fail(
+            "530 Login incorrect: log in as <prefix>_<user>, with the prefix your device shows.",
+            "no prefix",
+        )
+
+    def _fail(self, text: str, reason: str) -> list[Event]:
+        self.failures += 1
+        events: list[Event] = [Failure(reason), Reply(text)]
+        if self.failures >= self.max_failures:
+            events.append(Close("too many failures"))
+        return events
+
+
+# ---- rewriting of relayed control lines ---------------------------------------------
+
+_227 = re.compile(rb"^(227[ -].*?)(\d{1,3}(?:\s*,\s*\d{1,3}){3})((?:\s*,\s*\d{1,3}){2})")
+_PORT = re.compile(rb"^(port\s+)(\d{1,3},\d{1,3},\d{1,3},\d{1,3})(,\d{1,3},\d{1,3}\s*)$", re.I)
+_EPRT = re.compile(rb"^(eprt\s+)(.)([12])\2([^|]+)\2(\d{1,5})\2(\s*)$", re.I)
+
+
+def _ipv4(address: str) -> ipaddress.IPv4Address | None:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        return ip.ipv4_mapped
+    return ip
+
+
+def rewrite_pasv_reply(line: bytes, public_address: str) -> bytes:
+    """A device's ``227`` names an address the client cannot reach: put ours there."""
+    ip = _ipv4(public_address)
+    if ip is None:
+        return line
+    return _227.sub(lambda m: m[1] + str(ip).replace(".", ",").encode() + m[3], line, count=1)
+
+
+def rewrite_port_command(line: bytes, peer_address: str) -> bytes:
+    """A client's ``PORT``/``EPRT`` may name any address: the device may only dial the
+    client's own (RFC 2577), so the address becomes the control connection's peer."""
+    body = line.rstrip(b"\r\n")
+    ending = line[len(body) :]
+    if m := _PORT.match(body):
+        ip = _ipv4(peer_address)
+        if ip is None:
+            return line
+        return m[1] + str(ip).replace(".", ",").encode() + m[3] + ending
+    if m := _EPRT.match(body):
+        ip = ipaddress.ip_address(peer_address.split("%")[0])
+        mapped = isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped
+        if mapped:
+            ip = mapped
+        family = b"1" if ip.version == 4 else b"2"
+        d = m[2]
+        return m[1] + d + family + d + str(ip).encode() + d + m[5] + d + m[6] + ending
+    return line
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines for rewriting, passing over-long lines through."""
+
+    def __init__(self, rewrite: Callable[[bytes], bytes] = bytes, max_line: int = 8192) -> None:
+        self._rewrite = rewrite
+        self._max = max_line
+        self._partial = b""
+
+    def split(self, data: bytes) -> list[bytes]:
+        """The complete lines (and over-long fragments) ``data`` finishes."""
+        data = self._partial + data
+        out = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            out.append(data[start : end + 1])
+            start = end + 1
+        rest = data[start:]
+        if len(rest) > self._max:
+            out.append(rest)
+            rest = b""
+        self._partial = rest
+        return out
+
+    def feed(self, data: bytes) -> bytes:
+        """The rewritten lines ``data`` finishes."""
+        return b"".join(self._rewrite(line) for line in self.split(data))
+
+    def flush(self) -> bytes:
+        rest, self._partial = self._partial, b""
+        return rest
