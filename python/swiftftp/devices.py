@@ -97,8 +97,7 @@ async def handle_device(node: ProxyNode, sock: socket.socket) -> None:
                 await chan.settle()
     except (PeerClosed, TimeoutError, OSError) as exc:
         log.info("device %s: %s", peer, exc or type(exc).__name__)
-    finally:
-        chan.close()
+    # the caller closes the socket, gracefully: an error reply must not be lost to a RST
 
 
 class CommandSession:

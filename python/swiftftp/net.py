@@ -108,6 +108,25 @@ async def accept_first(
             sock.close()
 
 
+async def close_gracefully(sock: socket.socket, timeout: float = 1.0, limit: int = 1 << 20) -> None:
+    """Half-close, drain what the peer still sends (bounded), then close.
+
+    Closing a socket with unread input makes the kernel send RST, and the
+    peer may then lose our last reply (a 530, an error 9) still in flight.
+    """
+    if sock.fileno() < 0:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(timeout):
+            while limit > 0 and (data := await aio.recv(sock, 65536)):
+                limit -= len(data)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        sock.close()
+
+
 async def dial(host: str, port: int, timeout: float) -> socket.socket:
     """A connected non-blocking TCP socket, or ``OSError``/``TimeoutError``."""
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import aio, relay
 from .config import Settings
-from .net import listen_on, normalize_ip
+from .net import close_gracefully, listen_on, normalize_ip
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ class ProxyNode:
         except Exception:
             log.exception("connection handler failed")
         finally:
-            sock.close()
+            await close_gracefully(sock)
 
     # ---- devices ------------------------------------------------------------------
 

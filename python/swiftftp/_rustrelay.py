@@ -1,0 +1,154 @@
+"""The Rust relay backend: ``swiftftp._splice`` behind the relay interface.
+
+Bytes move on the extension's worker threads (splice(2) through pipes, epoll,
+no GIL); this module only connects a finished session to asyncio. Each event
+loop gets one :class:`_Waiter`: an eventfd the workers bump after storing a
+session's outcome, watched with ``loop.add_reader``. Draining it resolves the
+matching futures on the loop's own thread, so workers never take the GIL and
+the loop never blocks. Importing this module raises ImportError when the
+extension is not built (``relay.available()`` relies on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import weakref
+from collections.abc import Generator, Sequence
+from typing import Any
+
+from . import _splice
+from .relay import RelayResult
+
+Bucket = _splice.Bucket
+
+
+class RustRelay:
+    """One relay running on a worker thread, awaitable from its event loop."""
+
+    def __init__(self, session: _splice.Session, loop: asyncio.AbstractEventLoop) -> None:
+        self._session = session
+        self._future: asyncio.Future[RelayResult] = loop.create_future()
+        self._future.add_done_callback(self._on_done)
+
+    def __await__(self) -> Generator[Any, None, RelayResult]:
+        return self._future.__await__()
+
+    def cancel(self) -> None:
+        """Close both sockets; awaiting raises ``asyncio.CancelledError``."""
+        if self._future.cancel():
+            self._session.cancel()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def counters(self) -> tuple[int, int]:
+        """Bytes delivered so far, (up, down); live, and valid after the end."""
+        return self._session.counters()
+
+    def _on_done(self, future: asyncio.Future[RelayResult]) -> None:
+        # The awaiting task was cancelled (which cancels this future): stop the relay.
+        if future.cancelled():
+            self._session.cancel()
+
+    def _settle(self) -> None:
+        """The worker finished the session: resolve the future from its outcome."""
+        if self._future.done():
+            return
+        try:
+            result = self._session.result()
+        except OSError as exc:
+            self._future.set_exception(exc)
+            return
+        if result is None:
+            self._future.cancel()
+        else:
+            self._future.set_result(RelayResult(*result))
+
+    def __repr__(self) -> str:
+        up, down = self.counters()
+        state = "done" if self.done() else "running"
+        return f"<RustRelay #{self._session.id} {state} up={up} down={down}>"
+
+
+class _Waiter:
+    """Completion notices of one event loop (see the module docs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.notifier = _splice.Notifier()
+        self.pending: dict[int, RustRelay] = {}
+        # No reference to the loop here: the loop → waiter map is weak on the loop.
+        loop.add_reader(self.notifier.fileno(), self._drain)
+
+    def _drain(self) -> None:
+        for sid in self.notifier.drain():
+            relay = self.pending.pop(sid, None)
+            if relay is not None:
+                relay._settle()
+
+
+_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _waiter(loop: asyncio.AbstractEventLoop) -> _Waiter:
+    waiter = _waiters.get(loop)
+    if waiter is None:
+        # Forget loops closed meanwhile: their eventfds close with their waiters.
+        for old in [old for old in _waiters if old.is_closed()]:
+            del _waiters[old]
+        waiter = _waiters[loop] = _Waiter(loop)
+    return waiter
+
+
+class RustBackend:
+    """The Rust backend (see :mod:`swiftftp.relay` for the interface).
+
+    ``workers`` and ``pipe_size`` configure the process-wide engine when it
+    starts (defaults: ``SWIFTFTP_RELAY_WORKERS`` or one per CPU, and
+    ``SWIFTFTP_RELAY_PIPE_SIZE`` or 1 MiB); the engine starts on first use.
+    """
+
+    name = "rust"
+
+    def __init__(self, workers: int | None = None, pipe_size: int | None = None) -> None:
+        self._workers = workers
+        self._pipe_size = pipe_size
+        self._started = False
+
+    def bucket(self, rate: float = 0, burst: float | None = None) -> _splice.Bucket:
+        return _splice.Bucket(rate, burst)
+
+    def start(
+        self,
+        a: socket.socket,
+        b: socket.socket,
+        *,
+        up: Sequence[Any] = (),
+        down: Sequence[Any] = (),
+        idle_timeout: float | None = None,
+    ) -> RustRelay:
+        loop = asyncio.get_running_loop()
+        up, down = list(up), list(down)
+        for bucket in (*up, *down):
+            if not isinstance(bucket, _splice.Bucket):
+                raise TypeError(f"not a rust relay bucket: {bucket!r} (use backend.bucket())")
+        if not self._started:
+            _splice.init(self._workers, self._pipe_size)
+            self._started = True
+        waiter = _waiter(loop)
+        # From here on the fds belong to the extension, which closes them.
+        session = _splice.start(
+            a.detach(), b.detach(), waiter.notifier, up, down, idle_timeout=idle_timeout
+        )
+        relay = RustRelay(session, loop)
+        waiter.pending[session.id] = relay
+        return relay
+
+    def totals(self) -> tuple[int, int]:
+        return _splice.totals()
+
+    def running(self) -> int:
+        """Sessions on the worker threads now, over every loop."""
+        return _splice.running()

@@ -1,0 +1,82 @@
+"""The FTP pre-login dialogue and the rewriting of relayed lines, without sockets."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swiftftp.ftp import (
+    Close,
+    Failure,
+    LineSplitter,
+    Lookup,
+    PreLogin,
+    Reply,
+    rewrite_pasv_reply,
+    rewrite_port_command,
+)
+
+
+def replies(events) -> list[str]:
+    return [e.text[:3] for e in events if isinstance(e, Reply)]
+
+
+def test_user_with_prefix_keeps_the_rest_as_sent() -> None:
+    d = PreLogin()
+    [lookup] = d.on_line(b"USER AbCdE_Bob_Smith\r\n")
+    assert lookup == Lookup("abcde", b"USER Bob_Smith\r\n")
+    [lookup] = d.on_line(b"user abcde_x\n")
+    assert lookup == Lookup("abcde", b"user x\n")
+
+
+def test_anonymous_then_pass_fails_with_a_hint() -> None:
+    d = PreLogin()
+    assert replies(d.on_line(b"USER anonymous\r\n")) == ["331"]
+    events = d.on_line(b"PASS me@\r\n")
+    assert replies(events) == ["530"] and any(isinstance(e, Failure) for e in events)
+    assert "<prefix>_<user>" in next(e.text for e in events if isinstance(e, Reply))
+
+
+def test_third_failure_closes() -> None:
+    d = PreLogin(max_failures=3)
+    assert not any(isinstance(e, Close) for e in d.unknown_prefix("aaaaa"))
+    assert not any(isinstance(e, Close) for e in d.unknown_prefix("bbbbb"))
+    assert any(isinstance(e, Close) for e in d.unknown_prefix("ccccc"))
+
+
+def test_verbs_before_login() -> None:
+    d = PreLogin()
+    assert replies(d.on_line(b"QUIT\r\n")) == ["221"]
+    assert replies(d.on_line(b"AUTH TLS\r\n")) == ["502"]
+    assert replies(d.on_line(b"NOOP\r\n")) == ["200"]
+    assert replies(d.on_line(b"SYST\r\n")) == ["530"]
+    assert replies(d.on_line(b"PASS x\r\n")) == ["503"]
+    assert replies(d.on_line(b"\r\n")) == ["500"]
+    assert replies(d.on_line(b"USER\r\n")) == ["501"]
+    assert replies(d.on_line(b"USER bad!prefix_x\r\n")) == ["530"]
+    assert d.failures == 1
+
+
+def test_pasv_reply_rewrite() -> None:
+    line = b"227 Entering Passive Mode (10,0,0,2,156,64).\r\n"
+    assert rewrite_pasv_reply(line, "203.0.113.9") == b"227 Entering Passive Mode (203,0,113,9,156,64).\r\n"
+    assert rewrite_pasv_reply(b"227 =10,0,0,2,1,2\r\n", "1.2.3.4") == b"227 =1,2,3,4,1,2\r\n"
+    assert rewrite_pasv_reply(line, "::ffff:1.2.3.4").startswith(b"227 Entering Passive Mode (1,2,3,4,")
+    assert rewrite_pasv_reply(line, "2001:db8::1") == line  # no IPv4 to offer
+    assert rewrite_pasv_reply(b"200 (10,0,0,2,1,2)\r\n", "1.2.3.4") == b"200 (10,0,0,2,1,2)\r\n"
+
+
+def test_port_commands_are_pinned_to_the_client() -> None:
+    assert rewrite_port_command(b"PORT 6,6,6,6,4,1\r\n", "198.51.100.7") == b"PORT 198,51,100,7,4,1\r\n"
+    assert rewrite_port_command(b"EPRT |1|6.6.6.6|1025|\r\n", "198.51.100.7") == b"EPRT |1|198.51.100.7|1025|\r\n"
+    assert rewrite_port_command(b"EPRT |2|::6|1025|\r\n", "2001:db8::5") == b"EPRT |2|2001:db8::5|1025|\r\n"
+    assert rewrite_port_command(b"RETR x\r\n", "1.2.3.4") == b"RETR x\r\n"
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=6))
+def test_line_splitter_loses_nothing(data: bytes, cuts: list[int]) -> None:
+    s = LineSplitter(max_line=64)
+    points = sorted(c for c in cuts if c <= len(data))
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    out = b"".join(s.feed(p) for p in pieces) + s.flush()
+    assert out == data
