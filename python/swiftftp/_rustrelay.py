@@ -87,9 +87,7 @@ class _Waiter:
                 relay._settle()
 
 
-_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiter] = (
-    weakref.WeakKeyDictionary()
-)
+_waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiter] = weakref.WeakKeyDictionary()
 
 
 def _waiter(loop: asyncio.AbstractEventLoop) -> _Waiter:
@@ -139,9 +137,7 @@ class RustBackend:
             self._started = True
         waiter = _waiter(loop)
         # From here on the fds belong to the extension, which closes them.
-        session = _splice.start(
-            a.detach(), b.detach(), waiter.notifier, up, down, idle_timeout=idle_timeout
-        )
+        session = _splice.start(a.detach(), b.detach(), waiter.notifier, up, down, idle_timeout=idle_timeout)
         relay = RustRelay(session, loop)
         waiter.pending[session.id] = relay
         return relay

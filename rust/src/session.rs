@@ -1,0 +1,521 @@
+//! One relay session: two sockets, two directions, the state machine that
+//! moves bytes between them. No threads, no polling here: the worker tells
+//! the session which socket became ready and calls [`Session::run`], which
+//! moves what it can without blocking and says when to call again.
+//!
+//! Readiness is edge-triggered (epoll via mio), so the session remembers it:
+//! a side stays "readable" until a splice from it says EAGAIN, "writable"
+//! until a splice to it says EAGAIN. Spurious readiness is harmless.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::socket::{getsockopt, shutdown, sockopt, Shutdown};
+
+use crate::bucket::{Chain, Reservation};
+use crate::pipe::Pipe;
+
+/// Byte counts of the two directions: `a → b` (up) and `b → a` (down).
+#[derive(Debug, Default)]
+pub struct Counters {
+    dirs: [AtomicU64; 2],
+}
+
+impl Counters {
+    /// Bytes delivered so far, (up, down).
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.dirs[0].load(Ordering::Relaxed),
+            self.dirs[1].load(Ordering::Relaxed),
+        )
+    }
+
+    fn add(&self, dir: usize, n: u64) {
+        self.dirs[dir].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions reached EOF and were delivered: final (up, down).
+    Done(u64, u64),
+    /// A socket failed (reset, broken pipe...): the errno.
+    Failed(Errno),
+    /// No byte either way for the idle timeout.
+    TimedOut,
+    /// Cancelled by its owner.
+    Cancelled,
+}
+
+/// What [`Session::run`] leaves the worker to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Waiting for readiness, and for the timer if `Some` (throttled).
+    Waiting(Option<Instant>),
+    /// Finished: both sockets may be closed (the outcome is `Done` or `Failed`).
+    Finished,
+}
+
+/// Side 0 is `a`, side 1 is `b`; direction 0 (up) goes a → b, 1 (down) b → a.
+#[derive(Debug)]
+struct Direction {
+    pipe: Pipe,
+    chain: Chain,
+    /// Tokens granted and not yet used (throttled directions only).
+    grant: u64,
+    /// Tokens reserved and not yet covered: the direction sleeps.
+    pending: Option<Reservation>,
+    /// The source said EAGAIN while the pipe held bytes: it is the pipe that
+    /// is full, or the socket is empty; either way, wait for the pipe to drain.
+    pipe_full: bool,
+    eof: bool,
+    shut: bool,
+}
+
+/// The state machine of one relay (see the module docs).
+#[derive(Debug)]
+pub struct Session {
+    socks: [OwnedFd; 2],
+    readable: [bool; 2],
+    writable: [bool; 2],
+    dirs: [Direction; 2],
+    idle: Option<Duration>,
+    last_active: Instant,
+    error: Option<Errno>,
+    outcome: Option<Outcome>,
+    counters: Arc<Counters>,
+    totals: Arc<Counters>,
+}
+
+impl Session {
+    /// Relay between the connected sockets `a` and `b` (made non-blocking
+    /// here), through pipes of `pipe_size` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        a: OwnedFd,
+        b: OwnedFd,
+        up: Chain,
+        down: Chain,
+        idle: Option<Duration>,
+        pipe_size: usize,
+        counters: Arc<Counters>,
+        totals: Arc<Counters>,
+        now: Instant,
+    ) -> Result<Session, Errno> {
+        for s in [&a, &b] {
+            let flags = OFlag::from_bits_retain(fcntl(s, FcntlArg::F_GETFL)?);
+            fcntl(s, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        }
+        let dir = |chain: Chain| -> Result<Direction, Errno> {
+            Ok(Direction {
+                pipe: Pipe::new(pipe_size)?,
+                chain,
+                grant: 0,
+                pending: None,
+                pipe_full: false,
+                eof: false,
+                shut: false,
+            })
+        };
+        Ok(Session {
+            socks: [a, b],
+            readable: [true, true],
+            writable: [true, true],
+            dirs: [dir(up)?, dir(down)?],
+            idle,
+            last_active: now,
+            error: None,
+            outcome: None,
+            counters,
+            totals,
+        })
+    }
+
+    /// The raw fds of sides a and b (for registering with the poller).
+    pub fn fds(&self) -> [RawFd; 2] {
+        [self.socks[0].as_raw_fd(), self.socks[1].as_raw_fd()]
+    }
+
+    /// The poller reported `side` ready. On an error event the socket's
+    /// pending error (SO_ERROR) ends the session at the next [`Session::run`].
+    pub fn ready(&mut self, side: usize, readable: bool, writable: bool, error: bool) {
+        if readable {
+            self.readable[side] = true;
+            // New data: the pipe may have room after all (see `pipe_full`).
+            self.dirs[side].pipe_full = false;
+        }
+        if writable {
+            self.writable[side] = true;
+        }
+        if error && self.error.is_none() {
+            match getsockopt(&self.socks[side], sockopt::SocketError) {
+                Ok(0) => {}
+                Ok(e) => self.error = Some(Errno::from_raw(e)),
+                Err(e) => self.error = Some(e),
+            }
+        }
+    }
+
+    /// When the idle timeout strikes if nothing moves before.
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        self.idle.map(|d| self.last_active + d)
+    }
+
+    /// The outcome, once [`Session::run`] said `Finished` or after [`Session::end`].
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome.as_ref()
+    }
+
+    /// End the session early (timeout, cancel); tokens held are given back.
+    pub fn end(&mut self, outcome: Outcome, now: Instant) {
+        if self.outcome.is_none() {
+            self.release_tokens(now);
+            self.outcome = Some(outcome);
+        }
+    }
+
+    fn release_tokens(&mut self, now: Instant) {
+        for d in &mut self.dirs {
+            let held = d.grant + d.pending.take().map_or(0, |r| r.amount());
+            d.chain.refund(held, now);
+            d.grant = 0;
+        }
+    }
+
+    /// Move every byte that can move now. Call after readiness, after the
+    /// timer it asked for, and after a bucket's rate changed.
+    pub fn run(&mut self, now: Instant) -> Status {
+        if self.outcome.is_some() {
+            return Status::Finished;
+        }
+        let mut wake = None;
+        let mut result = self.error.map_or(Ok(()), Err);
+        for dir in 0..2 {
+            if result.is_err() {
+                break;
+            }
+            result = self.pump(dir, now).map(|w| {
+                wake = match (wake, w) {
+                    (Some(a), Some(b)) => Some(std::cmp::min(a, b)),
+                    (a, b) => a.or(b),
+                };
+            });
+        }
+        match result {
+            Err(e) => {
+                self.end(Outcome::Failed(e), now);
+                Status::Finished
+            }
+            Ok(()) if self.dirs.iter().all(|d| d.shut) => {
+                let (up, down) = self.counters.get();
+                self.outcome = Some(Outcome::Done(up, down));
+                Status::Finished
+            }
+            Ok(()) => Status::Waiting(wake),
+        }
+    }
+
+    /// Pump one direction until nothing moves; returns when to retry if it
+    /// is waiting for tokens.
+    fn pump(&mut self, dir: usize, now: Instant) -> Result<Option<Instant>, Errno> {
+        let (src, dst) = (dir, 1 - dir);
+        loop {
+            let mut progress = false;
+            let d = &mut self.dirs[dir];
+            if !d.pipe.is_empty() && self.writable[dst] {
+                match d.pipe.drain(self.socks[dst].as_fd()) {
+                    Ok(n) => {
+                        self.counters.add(dir, n as u64);
+                        self.totals.add(dir, n as u64);
+                        self.last_active = now;
+                        d.pipe_full = false;
+                        progress = true;
+                    }
+                    Err(Errno::EAGAIN) => self.writable[dst] = false,
+                    Err(e) => return Err(e),
+                }
+            }
+            if !d.eof && self.readable[src] && !d.pipe_full && d.pipe.room() > 0 {
+                let mut max = d.pipe.room();
+                if !d.chain.is_empty() {
+                    if d.grant == 0 {
+                        let r = match d.pending.take() {
+                            Some(r) => Some(r),
+                            None => d.chain.reserve(max as u64, now),
+                        };
+                        if let Some(r) = r {
+                            if let Some(wait) = d.chain.wait(&r, now) {
+                                d.pending = Some(r);
+                                return Ok(Some(now + wait));
+                            }
+                            d.grant = r.amount();
+                        }
+                    }
+                    if d.grant > 0 {
+                        max = max.min(d.grant as usize);
+                    }
+                }
+                match d.pipe.fill(self.socks[src].as_fd(), max) {
+                    Ok(0) => {
+                        d.eof = true;
+                        d.chain.refund(std::mem::take(&mut d.grant), now);
+                        progress = true;
+                    }
+                    Ok(n) => {
+                        d.grant = d.grant.saturating_sub(n as u64);
+                        self.last_active = now;
+                        progress = true;
+                    }
+                    Err(Errno::EAGAIN) if d.pipe.is_empty() => {
+                        // Really nothing to read: an idle session holds no tokens.
+                        self.readable[src] = false;
+                        d.chain.refund(std::mem::take(&mut d.grant), now);
+                    }
+                    Err(Errno::EAGAIN) => d.pipe_full = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            if d.eof && d.pipe.is_empty() && !d.shut {
+                // Half-close: everything before the EOF was delivered. A peer
+                // already gone shows up on the other direction, not here.
+                let _ = shutdown(self.socks[dst].as_raw_fd(), Shutdown::Write);
+                d.shut = true;
+            }
+            if !progress {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bucket::Bucket;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
+
+    /// Two ends of one loopback TCP connection.
+    fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    struct Rig {
+        client: TcpStream,
+        server: TcpStream,
+        session: Session,
+        counters: Arc<Counters>,
+    }
+
+    fn rig(up: Chain, down: Chain, idle: Option<Duration>) -> Rig {
+        let (client, ra) = tcp_pair();
+        let (rb, server) = tcp_pair();
+        let counters = Arc::new(Counters::default());
+        let session = Session::new(
+            ra.into(),
+            rb.into(),
+            up,
+            down,
+            idle,
+            0,
+            counters.clone(),
+            Arc::new(Counters::default()),
+            Instant::now(),
+        )
+        .unwrap();
+        Rig {
+            client,
+            server,
+            session,
+            counters,
+        }
+    }
+
+    /// Drive the session (as a worker would, with every side "ready") until
+    /// it finishes or `until` holds; sleeps a little between rounds.
+    fn drive(s: &mut Session, mut until: impl FnMut() -> bool) -> Status {
+        for _ in 0..5000 {
+            for side in 0..2 {
+                s.ready(side, true, true, false);
+            }
+            let st = s.run(Instant::now());
+            if st == Status::Finished || until() {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("session stuck");
+    }
+
+    fn read_available(s: &mut TcpStream, into: &mut Vec<u8>) -> bool {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(n) => into.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn relays_both_ways_and_half_closes() {
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        r.client.write_all(b"request").unwrap();
+        r.client.shutdown(NetShutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let server = &mut r.server;
+        drive(&mut r.session, || read_available(server, &mut got));
+        assert_eq!(got, b"request", "EOF came after the bytes");
+        assert_eq!(
+            r.session.outcome(),
+            None,
+            "still running: the other way is open"
+        );
+        r.server.set_nonblocking(false).unwrap();
+        r.server.write_all(b"response after eof").unwrap();
+        drop(r.server);
+        assert_eq!(drive(&mut r.session, || false), Status::Finished);
+        assert_eq!(r.session.outcome(), Some(&Outcome::Done(7, 18)));
+        let mut back = Vec::new();
+        r.client.set_nonblocking(false).unwrap();
+        r.client.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"response after eof");
+        assert_eq!(r.counters.get(), (7, 18));
+    }
+
+    #[test]
+    fn large_transfer_is_intact() {
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        let data: Vec<u8> = (0..8u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut client = r.client.try_clone().unwrap();
+        let sent = data.clone();
+        let writer = std::thread::spawn(move || {
+            client.write_all(&sent).unwrap();
+            client.shutdown(NetShutdown::Write).unwrap();
+        });
+        let mut got = Vec::new();
+        let server = &mut r.server;
+        drive(&mut r.session, || read_available(server, &mut got));
+        writer.join().unwrap();
+        assert!(got == data, "bytes differ");
+    }
+
+    #[test]
+    fn reset_fails_the_session() {
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        r.client.write_all(&[7u8; 100_000]).unwrap();
+        let server = &mut r.server;
+        let mut got = Vec::new();
+        drive(&mut r.session, || {
+            read_available(server, &mut got);
+            !got.is_empty()
+        });
+        // SO_LINGER 0: close sends RST.
+        let fd = r.server.as_fd();
+        nix::sys::socket::setsockopt(
+            &fd,
+            sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        drop(r.server);
+        r.client.write_all(&[8u8; 100_000]).unwrap();
+        assert_eq!(drive(&mut r.session, || false), Status::Finished);
+        assert!(
+            matches!(
+                r.session.outcome(),
+                Some(Outcome::Failed(Errno::ECONNRESET | Errno::EPIPE))
+            ),
+            "{:?}",
+            r.session.outcome()
+        );
+    }
+
+    #[test]
+    fn error_event_reports_so_error() {
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        let fd = r.server.as_fd();
+        nix::sys::socket::setsockopt(
+            &fd,
+            sockopt::Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        drop(r.server);
+        std::thread::sleep(Duration::from_millis(20));
+        r.session.ready(1, false, false, true);
+        assert_eq!(r.session.run(Instant::now()), Status::Finished);
+        assert_eq!(
+            r.session.outcome(),
+            Some(&Outcome::Failed(Errno::ECONNRESET))
+        );
+    }
+
+    #[test]
+    fn throttled_direction_sleeps_until_tokens_come() {
+        let t0 = Instant::now();
+        let bucket = Arc::new(Bucket::new(100_000.0, Some(10_000.0), t0).unwrap());
+        let mut r = rig(Chain::new(vec![bucket]), Chain::default(), None);
+        r.client.write_all(&[1u8; 50_000]).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let now = Instant::now();
+        for side in 0..2 {
+            r.session.ready(side, true, true, false);
+        }
+        // The burst (10 kB, two 5 kB quanta) goes at once, then a timer.
+        let Status::Waiting(Some(wake)) = r.session.run(now) else {
+            panic!("not throttled")
+        };
+        assert_eq!(r.counters.get().0, 10_000);
+        let wait = wake - now;
+        assert!(
+            wait > Duration::from_millis(40) && wait <= Duration::from_millis(51),
+            "{wait:?}"
+        );
+        // Woken early (another event): still waiting, same deadline or so.
+        let Status::Waiting(Some(again)) = r.session.run(now + Duration::from_millis(10)) else {
+            panic!("should still wait")
+        };
+        assert!(again.duration_since(wake) < Duration::from_millis(1));
+        // At the deadline: one more quantum.
+        assert!(matches!(r.session.run(wake), Status::Waiting(Some(_))));
+        assert_eq!(r.counters.get().0, 15_000);
+    }
+
+    #[test]
+    fn idle_deadline_moves_with_traffic() {
+        let mut r = rig(
+            Chain::default(),
+            Chain::default(),
+            Some(Duration::from_secs(5)),
+        );
+        let first = r.session.idle_deadline().unwrap();
+        r.client.write_all(b"x").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        r.session.ready(0, true, false, false);
+        r.session.run(Instant::now());
+        assert!(r.session.idle_deadline().unwrap() > first);
+        r.session.end(Outcome::TimedOut, Instant::now());
+        assert_eq!(r.session.run(Instant::now()), Status::Finished);
+        assert_eq!(r.session.outcome(), Some(&Outcome::TimedOut));
+    }
+}
