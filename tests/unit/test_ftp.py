@@ -68,7 +68,8 @@ def test_pasv_reply_rewrite() -> None:
 
 def test_port_commands_are_pinned_to_the_client() -> None:
     assert rewrite_port_command(b"PORT 6,6,6,6,4,1\r\n", "198.51.100.7") == b"PORT 198,51,100,7,4,1\r\n"
-    assert rewrite_port_command(b"EPRT |1|6.6.6.6|1025|\r\n", "198.51.100.7") == b"EPRT |1|198.51.100.7|1025|\r\n"
+    eprt = rewrite_port_command(b"EPRT |1|6.6.6.6|1025|\r\n", "198.51.100.7")
+    assert eprt == b"EPRT |1|198.51.100.7|1025|\r\n"
     assert rewrite_port_command(b"EPRT |2|::6|1025|\r\n", "2001:db8::5") == b"EPRT |2|2001:db8::5|1025|\r\n"
     assert rewrite_port_command(b"RETR x\r\n", "1.2.3.4") == b"RETR x\r\n"
 
