@@ -64,6 +64,8 @@ def node_settings(state_dir: Path, **overrides: Any) -> Settings:
         pasv_listen_timeout=10,
         connect_timeout=3,
         idle_timeout=60,
+        stats_listen=("127.0.0.1", 0),
+        failure_delay=0,
     )
     return replace(base, **overrides)
 

@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import socket
 import time
+from collections import deque
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -19,20 +20,24 @@ from . import aio
 from .relay import RelayResult, default_burst
 
 CHUNK = 256 * 1024
-# Smallest grant worth a syscall when throttled; bounded by each bucket's burst.
-QUANTUM = 16 * 1024
-# A throttled pump re-reads its buckets at least this often, so set_rate() bites fast.
-MAX_NAP = 0.05
 
 
 class PyBucket:
-    """Token bucket: ``rate`` bytes/s refill, ``burst`` bytes capacity; rate 0 = unlimited."""
+    """Token bucket: ``rate`` bytes/s refill, ``burst`` bytes capacity; rate 0 = unlimited.
+
+    Sessions that must wait queue up in FIFO order, so sessions sharing a
+    bucket (a device's, the node's) get equal turns.  Grants are at most half
+    a burst: tokens that pile up while a timer overshoots still fit under the
+    cap instead of being thrown away.
+    """
 
     def __init__(self, rate: float = 0, burst: float | None = None) -> None:
         self._rate = 0.0
         self._burst = 0.0
         self._tokens = 0.0
         self._stamp = time.monotonic()
+        self._waiters: deque[tuple[asyncio.Future, int]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self.set_rate(rate, burst)
         self._tokens = self._burst
 
@@ -44,6 +49,11 @@ class PyBucket:
     def burst(self) -> float:
         return self._burst
 
+    @property
+    def grant(self) -> int:
+        """Largest single grant."""
+        return max(1, int(self._burst) // 2)
+
     def set_rate(self, rate: float, burst: float | None = None) -> None:
         """Change the limits; takes effect at once for every session using the bucket."""
         if rate < 0 or (burst is not None and burst < 0):
@@ -52,37 +62,63 @@ class PyBucket:
         self._rate = float(rate)
         self._burst = float(burst) if burst else default_burst(self._rate)
         self._tokens = min(self._tokens, self._burst)
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        self._serve()
 
     def _refill(self, now: float) -> None:
         if self._rate:
             self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
+    async def acquire(self, n: int) -> None:
+        """Take ``n`` tokens, waiting in line if need be."""
+        if not self._rate:
+            return
+        self._refill(time.monotonic())
+        if not self._waiters and self._tokens >= n:
+            self._tokens -= n
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((fut, n))
+        self._serve()
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.refund(n)  # granted just as we were cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove((fut, n))
+            raise
 
-def _grant_now(chain: Sequence[PyBucket], want: int) -> tuple[int, float]:
-    """Take up to ``want`` tokens from every limited bucket: (granted, or 0 and the wait)."""
-    limited = [b for b in chain if b._rate]
-    if not limited:
-        return want, 0.0
-    now = time.monotonic()
-    for b in limited:
-        b._refill(now)
-    # Wait for half a burst, not a whole one: tokens that pile up while a timer
-    # overshoots still fit under the cap instead of being thrown away.
-    need = max(1, min(want, QUANTUM, *(int(b._burst) // 2 for b in limited)))
-    avail = min(b._tokens for b in limited)
-    if avail >= need:
-        n = min(want, int(avail))
-        for b in limited:
-            b._tokens -= n
-        return n, 0.0
-    return 0, max((need - b._tokens) / b._rate for b in limited)
+    def refund(self, n: int) -> None:
+        if self._rate:
+            self._tokens = min(self._burst, self._tokens + n)
+            self._serve()
 
+    def _serve(self) -> None:
+        """Grant the head of the line what it can have; set a timer for the rest."""
+        while self._waiters:
+            fut, n = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if self._rate:
+                self._refill(time.monotonic())
+                if self._tokens < n:
+                    if self._timer is None:
+                        delay = (n - self._tokens) / self._rate
+                        self._timer = asyncio.get_running_loop().call_later(delay, self._wake)
+                    return
+                self._tokens -= n
+            self._waiters.popleft()
+            fut.set_result(None)
 
-def _refund(chain: Sequence[PyBucket], n: int) -> None:
-    for b in chain:
-        if b._rate:
-            b._tokens = min(b._burst, b._tokens + n)
+    def _wake(self) -> None:
+        self._timer = None
+        self._serve()
 
 
 class PyRelay:
@@ -172,20 +208,29 @@ class PyRelay:
 
     @staticmethod
     async def _throttled_recv(src: socket.socket, view: memoryview, chain: list[PyBucket]) -> int:
+        limited = [b for b in chain if b.rate]
+        if not limited:
+            return await aio.recv_into(src, view)
         # Wait for data before taking tokens, so an idle session holds none of a shared bucket.
-        while True:
-            await aio.wait_readable(src)
-            granted, wait = _grant_now(chain, len(view))
-            if not granted:
-                await asyncio.sleep(min(wait, MAX_NAP))
-                continue
-            try:
-                n = src.recv_into(view[:granted])
-            except (BlockingIOError, InterruptedError):
-                _refund(chain, granted)
-                continue
-            _refund(chain, granted - n)
-            return n
+        await aio.wait_readable(src)
+        n = min(len(view), *(b.grant for b in limited))
+        for bucket in limited:
+            await bucket.acquire(n)
+        try:
+            got = src.recv_into(view[:n])
+        except (BlockingIOError, InterruptedError):
+            got = 0
+            for bucket in limited:
+                bucket.refund(n)
+            return await PyRelay._throttled_recv(src, view, chain)
+        except BaseException:
+            for bucket in limited:
+                bucket.refund(n)
+            raise
+        if got < n:
+            for bucket in limited:
+                bucket.refund(n - got)
+        return got
 
 
 class PythonBackend:

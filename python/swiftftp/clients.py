@@ -15,6 +15,7 @@ from .channel import DeviceChannel
 from .devices import login
 from .errors import ErrorCode, PeerClosed, ProtocolError
 from .ftp import (
+    GREETING,
     MAX_LINE,
     Close,
     Failure,
@@ -25,7 +26,8 @@ from .ftp import (
     rewrite_pasv_reply,
     rewrite_port_command,
 )
-from .net import accept_first, listen_in_range, normalize_ip
+from .net import accept_first, normalize_ip
+from .node import Busy
 from .protocol import error
 
 if TYPE_CHECKING:
@@ -62,12 +64,28 @@ async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
     """One FTP client: answer it until it names an online device, then splice it there."""
     peer_ip, peer_port = sock.getpeername()[:2]
     peer = f"{peer_ip}:{peer_port}"
-    dialogue = PreLogin(node.settings.max_login_failures)
-    reader = LineReader(sock)
+    ip = normalize_ip(peer_ip)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    refusal = node.guard.admit(ip)
+    if refusal:
+        node.refuse(refusal, peer)
+        text = ("421 Too many failed logins from your address; try again later."
+                if refusal == "locked out" else "421 Too many connections from your address.")
+        with contextlib.suppress(OSError):
+            await _send_line(sock, text)
+        return
     try:
-        await _send_line(sock, "220 SwiftFTP proxy ready. Log in as <prefix>_<user>.")
+        await _serve_client(node, sock, peer, ip)
+    finally:
+        node.guard.release(ip)
+
+
+async def _serve_client(node: ProxyNode, sock: socket.socket, peer: str, ip: str) -> None:
+    dialogue = PreLogin(node.settings.max_login_failures)
+    reader = LineReader(sock)
+    try:
+        await _send_line(sock, GREETING)
         async with asyncio.timeout(node.settings.client_login_timeout) as deadline:
             while True:
                 events = dialogue.on_line(await reader.readline())
@@ -78,6 +96,12 @@ async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
                         deadline.reschedule(None)
                         break
                     events = dialogue.unknown_prefix(lookup.prefix)
+                if any(isinstance(e, Failure) for e in events):
+                    if node.guard.failure(ip):
+                        node.refuse("prefix guessing lockout", peer)
+                        events = [*events, Close("locked out")]
+                    node.stats.login_failures += 1
+                    await asyncio.sleep(node.settings.failure_delay)  # slows guessing down
                 if await _act(sock, peer, events):
                     return
     except TimeoutError:
@@ -86,12 +110,17 @@ async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
     except (PeerClosed, OSError):
         return
     try:
-        chan = await rendezvous(node, device)
-    except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
-        log.info("client %s: device %s did not take the connection: %s", peer, device.prefix, exc)
-        await _act(sock, peer, dialogue.device_unavailable())
-        return
-    await control_relay(node, device, sock, chan, lookup.user_line + reader.buffer, peer)
+        with node.connection(device, "control"):
+            try:
+                chan = await rendezvous(node, device)
+            except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
+                log.info("device %s did not take the connection: %s", device.prefix, exc)
+                await _act(sock, peer, dialogue.device_unavailable())
+                return
+            await control_relay(node, device, sock, chan, lookup.user_line + reader.buffer, peer)
+    except Busy as exc:
+        node.refuse(str(exc), f"{device.prefix} from {peer}")
+        await _act(sock, peer, [Reply(f"421 {str(exc).capitalize()}; try again later."), Close("busy")])
 
 
 async def _act(sock: socket.socket, peer: str, events: list) -> bool:
@@ -114,8 +143,6 @@ async def rendezvous(node: ProxyNode, device: Device) -> DeviceChannel:
     command = device.command
     if command is None:
         raise PeerClosed("device went offline")
-    listener = listen_in_range(s.listen, s.data_ports)
-
     async def logged_in(sock: socket.socket) -> DeviceChannel | None:
         chan = DeviceChannel(sock, grace=s.device_grace)
         try:
@@ -131,13 +158,11 @@ async def rendezvous(node: ProxyNode, device: Device) -> DeviceChannel:
             return None
         return chan
 
-    try:
+    with node.listener() as listener:
         await command.notify(
             {"action": "control_connection_waiting", "port": listener.getsockname()[1]}
         )
         _, chan = await accept_first(listener, logged_in, s.rendezvous_timeout)
-    finally:
-        listener.close()
     return chan
 
 

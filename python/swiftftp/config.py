@@ -1,22 +1,40 @@
-"""Settings of a proxy node: every port, timeout and limit in one place."""
+"""Settings of a proxy node: every port, timeout and limit in one place.
+
+Sources, later ones winning: built-in defaults, a TOML file (``--config``),
+``SWIFTFTP_<SECTION>_<KEY>`` environment variables, command-line flags.  Each
+setting has a home ``[section]`` and ``key`` in the file::
+
+    [limits]
+    session_rate = "2M"     # bytes/s per data session; 0 = unlimited
+
+An unknown key or a bad value is a :class:`ConfigError` whose message names
+the key (``limits.session_rate: …``), never a traceback.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
 
 
 def default_state_dir() -> Path:
     """Per-user state directory: ``$XDG_STATE_HOME/swiftftp`` (``~/.local/state/swiftftp``)."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "swiftftp"
+    home = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(os.environ.get("XDG_STATE_HOME") or home) / "swiftftp"
 
 
 @dataclass
 class Settings:
     """Everything a node needs to run; defaults are the original deployment's."""
 
+    # [node]
     listen: str = "0.0.0.0"
     ftp_port: int = 2121
     device_port: int = 2222
@@ -26,8 +44,13 @@ class Settings:
     #: Ports for rendezvous and passive listeners, inclusive; (0, 0) = any free port.
     data_ports: tuple[int, int] = (40000, 44999)
     relay_backend: str | None = None
+    #: HTTP /metrics and /stats; None = off.
+    stats_listen: tuple[str, int] | None = ("127.0.0.1", 9121)
+    log_format: str = "plain"
+    #: One line per finished data connection; None = ``state_dir/transfers.log``, "-" = stderr.
+    transfer_log: str | None = None
 
-    # Timeouts, seconds (PROTOCOL.md: 2 min client login, 10 s device login, 30 min silence).
+    # [timeouts], seconds (PROTOCOL.md: 2 min client login, 10 s device login, 30 min silence).
     client_login_timeout: float = 120.0
     device_login_timeout: float = 10.0
     idle_timeout: float = 1800.0
@@ -40,10 +63,281 @@ class Settings:
     #: Pause after a device's TCP acknowledged a message before raw bytes may follow.
     device_grace: float = 0.03
 
+    # [limits]; rates in bytes/s, 0 = unlimited; None = same as the two-way rate.
+    session_rate: int = 0
+    session_upload_rate: int | None = None
+    session_download_rate: int | None = None
+    device_rate: int = 0
+    device_upload_rate: int | None = None
+    device_download_rate: int | None = None
+    node_rate: int = 0
+    node_upload_rate: int | None = None
+    node_download_rate: int | None = None
+    #: Token-bucket depth in bytes; 0 = 50 ms worth of the rate (at least 16 KiB).
+    burst: int = 0
+    max_command_sessions: int = 10000
+    max_control_per_device: int = 16
+    max_data_per_device: int = 32
+    max_pending_listeners: int = 2000
+    max_connections_per_ip: int = 64
     max_login_failures: int = 3
+    #: Prefix guessing: this many failed logins from one IP within guess_window
+    #: seconds lock that IP out for guess_lockout seconds.
+    guess_max_failures: int = 10
+    guess_window: float = 600.0
+    guess_lockout: float = 900.0
+    #: A failed login is answered after this pause (slows guessing on one connection).
+    failure_delay: float = 1.0
     #: Client bytes buffered while the device is being fetched.
     max_early_bytes: int = 65536
+
+    # [quota]
+    #: Bytes per device per period (control and data, both ways); 0 = unlimited.
+    quota_bytes: int = 0
+    quota_period: str = "month"
+    #: Usage is written to the registry at least this often (and at session end).
+    quota_flush_interval: float = 5.0
 
     @property
     def registry_path(self) -> Path:
         return self.state_dir / "registry.sqlite3"
+
+    def rates(self, scope: str) -> tuple[int, int]:
+        """(upload, download) bytes/s for ``scope`` in session, device, node."""
+        both = getattr(self, f"{scope}_rate")
+        up = getattr(self, f"{scope}_upload_rate")
+        down = getattr(self, f"{scope}_download_rate")
+        return (both if up is None else up), (both if down is None else down)
+
+
+# ---- value parsers: each raises ValueError with a short reason -------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
+
+
+def parse_bytes(value: Any) -> int:
+    """An amount of bytes: ``1500000``, ``"1.5M"``, ``"10MiB"`` (k/M/G/T: 1000s; Ki…: 1024s)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number of bytes")
+    if isinstance(value, int | float):
+        number, unit, binary = float(value), "", ""
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        number, unit, binary = float(m[1]), m[2].lower(), m[3]
+    else:
+        raise ValueError(f"expected a number of bytes like 1500000 or '10M', got {value!r}")
+    scale = (1024 if binary else 1000) ** " kmgt".index(unit or " ")
+    result = int(number * scale)
+    if result < 0:
+        raise ValueError("must be >= 0")
+    return result
+
+
+def _optional_bytes(value: Any) -> int | None:
+    return None if value in (None, "") else parse_bytes(value)
+
+
+def _int(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected seconds, got {value!r}") from None
+    if isinstance(value, bool) or not 0 <= result < 1e9:
+        raise ValueError(f"expected seconds >= 0, got {value!r}")
+    return result
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return _text(value) or None
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def parse_port_range(value: Any) -> tuple[int, int]:
+    """``"40000-44999"``, ``[40000, 44999]``, or ``"0"`` for any free port."""
+    if isinstance(value, list) and len(value) == 2:
+        low, high = value
+    elif isinstance(value, str):
+        low, _, high = value.partition("-")
+        high = high or low
+    else:
+        raise ValueError(f"expected 'LOW-HIGH', got {value!r}")
+    port = _int(0, 65535)
+    low, high = port(low.strip() if isinstance(low, str) else low), port(
+        high.strip() if isinstance(high, str) else high
+    )
+    if low > high or (low == 0) != (high == 0):
+        raise ValueError(f"bad port range {value!r}")
+    return low, high
+
+
+def parse_host_port(value: Any) -> tuple[str, int]:
+    """``"127.0.0.1:9121"`` or ``"[::1]:9121"``."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError(f"expected 'ADDR:PORT', got {value!r}")
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), _int(0, 65535)(port)
+
+
+def _optional_host_port(value: Any) -> tuple[str, int] | None:
+    return None if value in ("", "off", None) else parse_host_port(value)
+
+
+def _path(value: Any) -> Path:
+    return Path(os.path.expanduser(_text(value)))
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    key: str
+    attr: str
+    parse: Callable[[Any], Any]
+    #: Takes effect on SIGHUP without a restart.
+    reloadable: bool = False
+
+
+def _options() -> list[Option]:
+    seconds, count = _seconds, _int(0, 10**9)
+    node = [
+        ("listen", "listen", _text), ("ftp_port", "ftp_port", _int(0, 65535)),
+        ("device_port", "device_port", _int(0, 65535)),
+        ("public_address", "public_address", _optional_text), ("state_dir", "state_dir", _path),
+        ("data_ports", "data_ports", parse_port_range),
+        ("relay", "relay_backend", _choice("rust", "python")),
+        ("stats_listen", "stats_listen", _optional_host_port),
+        ("log_format", "log_format", _choice("plain", "json")),
+        ("transfer_log", "transfer_log", _optional_text),
+    ]
+    timeouts = [
+        ("client_login", "client_login_timeout"), ("device_login", "device_login_timeout"),
+        ("idle", "idle_timeout"), ("keepalive", "keepalive_interval"),
+        ("rendezvous", "rendezvous_timeout"), ("pasv_accept", "pasv_accept_timeout"),
+        ("pasv_listen", "pasv_listen_timeout"), ("connect", "connect_timeout"),
+        ("device_grace", "device_grace"),
+    ]
+    limits: list[tuple[str, Callable[[Any], Any]]] = []
+    for scope in ("session", "device", "node"):
+        limits += [(f"{scope}_rate", parse_bytes), (f"{scope}_upload_rate", _optional_bytes),
+                   (f"{scope}_download_rate", _optional_bytes)]
+    limits += [
+        ("burst", parse_bytes), ("max_command_sessions", count),
+        ("max_control_per_device", count), ("max_data_per_device", count),
+        ("max_pending_listeners", count), ("max_connections_per_ip", count),
+        ("max_login_failures", _int(1, 1000)), ("guess_max_failures", _int(1, 10**6)),
+        ("guess_window", seconds), ("guess_lockout", seconds), ("failure_delay", seconds),
+        ("max_early_bytes", parse_bytes),
+    ]
+    quota = [
+        ("bytes", "quota_bytes", parse_bytes),
+        ("period", "quota_period", _choice("month", "week", "day", "total")),
+        ("flush_interval", "quota_flush_interval", seconds),
+    ]
+    return (
+        [Option("node", k, a, p) for k, a, p in node]
+        + [Option("timeouts", k, a, seconds, reloadable=True) for k, a in timeouts]
+        + [Option("limits", k, k, p, reloadable=True) for k, p in limits]
+        + [Option("quota", k, a, p, reloadable=True) for k, a, p in quota]
+    )
+
+
+OPTIONS = _options()
+_BY_NAME = {(o.section, o.key): o for o in OPTIONS}
+_BY_ATTR = {o.attr: o for o in OPTIONS}
+assert set(_BY_ATTR) == {f.name for f in fields(Settings)}, "every setting needs an Option"
+
+
+def _apply(settings: Settings, option: Option, value: Any, source: str) -> Settings:
+    try:
+        parsed = option.parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{option.section}.{option.key}: {exc} ({source})") from None
+    return replace(settings, **{option.attr: parsed})
+
+
+def load_settings(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Defaults ← TOML file ← ``SWIFTFTP_<SECTION>_<KEY>`` ← ``overrides`` (by attribute name)."""
+    settings = Settings()
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        for section, table in document.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table")
+            for key, value in table.items():
+                option = _BY_NAME.get((section, key))
+                if option is None:
+                    raise ConfigError(f"{section}.{key}: unknown setting ({path})")
+                settings = _apply(settings, option, value, str(path))
+    env = os.environ if env is None else env
+    for option in OPTIONS:
+        name = f"SWIFTFTP_{option.section}_{option.key}".upper()
+        if name in env:
+            settings = _apply(settings, option, env[name], name)
+    for attr, value in (overrides or {}).items():
+        if value is not None:
+            option = _BY_ATTR[attr]
+            settings = _apply(settings, option, value, "command line")
+    return settings
+
+
+def describe(settings: Settings) -> list[str]:
+    """The effective settings, one ``section.key = value`` line each."""
+    lines = []
+    for option in OPTIONS:
+        value = getattr(settings, option.attr)
+        if isinstance(value, tuple) and option.key == "data_ports":
+            text = f'"{value[0]}-{value[1]}"'
+        elif isinstance(value, tuple):
+            text = f'"{value[0]}:{value[1]}"'
+        elif value is None:
+            text = '""'
+        elif isinstance(value, str | Path):
+            text = f'"{value}"'
+        else:
+            text = str(value)
+        lines.append(f"{option.section}.{option.key} = {text}")
+    return lines
+
+
+def reloadable_changes(old: Settings, new: Settings) -> tuple[list[str], list[str]]:
+    """(settings a reload applies, settings that need a restart) that differ."""
+    applied, ignored = [], []
+    for option in OPTIONS:
+        if getattr(old, option.attr) != getattr(new, option.attr):
+            (applied if option.reloadable else ignored).append(f"{option.section}.{option.key}")
+    return applied, ignored

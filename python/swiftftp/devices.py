@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from . import aio
 from .channel import DeviceChannel
 from .errors import ErrorCode, PeerClosed, ProtocolError
-from .net import accept_first, dial, listen_in_range, normalize_ip
+from .net import accept_first, dial, normalize_ip
+from .node import Busy
 from .protocol import action_of, error, field
 from .registry import AccountExists
 
@@ -81,12 +82,21 @@ async def handle_device(node: ProxyNode, sock: socket.socket) -> None:
         try:
             if action == "start_command_session":
                 await CommandSession(node, device, chan, peer).run()
-            elif action == "data_pasv_listen":
-                await passive_data(node, device, chan, peer)
-            elif action == "data_port_connect":
-                await active_data(node, device, chan, peer, request)
+            elif action in ("data_pasv_listen", "data_port_connect"):
+                if node.quota.over(device):
+                    node.stats.quota_refusals += 1
+                    node.refuse("over quota", device.prefix)
+                    raise ProtocolError(ErrorCode.OVER_QUOTA, "the device is over its quota")
+                with node.connection(device, "data"):
+                    if action == "data_pasv_listen":
+                        await passive_data(node, device, chan, peer)
+                    else:
+                        await active_data(node, device, chan, peer, request)
             else:
                 raise ProtocolError(ErrorCode.MALFORMED, f"unexpected action {action!r}")
+        except Busy as exc:
+            node.refuse(str(exc), device.prefix)
+            raise ProtocolError(ErrorCode.INTERNAL, str(exc)) from None
         finally:
             node.forget_if_idle(device)
     except ProtocolError as exc:
@@ -122,6 +132,8 @@ class CommandSession:
     async def run(self) -> None:
         device = self.device
         old = device.command
+        if old is None and self.node.command_sessions >= self.node.settings.max_command_sessions:
+            raise Busy("too many devices on this node")
         device.command = self
         if old is not None:
             old.close("replaced by a new login")  # the phone reconnected
@@ -149,7 +161,9 @@ class CommandSession:
         if action == "noop":
             await self.chan.send({})
         elif action == "check_quota":
-            await self.chan.send({"quota": UNLIMITED_QUOTA, "used": 0})
+            quota = self.node.quota
+            limit = quota.limit(self.device) or UNLIMITED_QUOTA
+            await self.chan.send({"quota": limit, "used": quota.used(self.device)})
         elif action == "finished":
             await self.chan.send({})
             await self.chan.settle()
@@ -175,10 +189,16 @@ class CommandSession:
 
 async def passive_data(node: ProxyNode, device: Device, chan: DeviceChannel, peer: str) -> None:
     """``data_pasv_listen``: a port for the client, then ``data_pasv_accept``."""
-    s = node.settings
     if not device.control_peers:
         raise ProtocolError(ErrorCode.PASV_TIMEOUT, "no control connection of this device here")
-    listener = listen_in_range(s.listen, s.data_ports)
+    with node.listener() as listener:
+        await _passive(node, device, chan, peer, listener)
+
+
+async def _passive(
+    node: ProxyNode, device: Device, chan: DeviceChannel, peer: str, listener: socket.socket
+) -> None:
+    s = node.settings
     port = listener.getsockname()[1]
 
     async def from_control_peer(sock: socket.socket) -> bool | None:
@@ -252,8 +272,10 @@ async def relay_data(
         raise
     client_peer = "{}:{}".format(*client.getpeername()[:2])
     with node.session("data", device, client_peer) as info:
+        info.buckets = node.throttle.session_buckets()
+        up, down = node.throttle.chains(device, info.buckets)
         handle = node.backend.start(
-            client, device_sock, idle_timeout=node.settings.idle_timeout
+            client, device_sock, up=up, down=down, idle_timeout=node.settings.idle_timeout
         )
         info.counters = handle.counters
         await handle

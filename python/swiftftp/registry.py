@@ -12,6 +12,7 @@ import sqlite3
 import string
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 PREFIX_LENGTH = 5
@@ -33,14 +34,23 @@ class Registry:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(
+            self._db.executescript(
                 """CREATE TABLE IF NOT EXISTS devices (
                     android_id TEXT PRIMARY KEY,
                     prefix TEXT NOT NULL UNIQUE,
                     secret TEXT,
                     created REAL NOT NULL,
-                    last_seen REAL NOT NULL
-                )"""
+                    last_seen REAL NOT NULL,
+                    quota_bytes INTEGER,     -- NULL: the node's [quota] bytes
+                    upload_rate INTEGER,     -- NULL: the node's [limits] device rates
+                    download_rate INTEGER
+                );
+                CREATE TABLE IF NOT EXISTS usage (
+                    android_id TEXT NOT NULL,
+                    period TEXT NOT NULL,
+                    bytes INTEGER NOT NULL,
+                    PRIMARY KEY (android_id, period)
+                );"""
             )
 
     def close(self) -> None:
@@ -103,3 +113,80 @@ class Registry:
                 "SELECT secret FROM devices WHERE android_id = ?", (android_id,)
             ).fetchone()
         return bool(row and row[0] and secrets.compare_digest(row[0], secret))
+
+    # ---- operators' overrides and quota usage ------------------------------------------
+
+    def find(self, key: str) -> DeviceRecord | None:
+        """A device by prefix or by device id."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLUMNS} FROM devices WHERE prefix = ? OR android_id = ?",
+                (key.lower(), key),
+            ).fetchone()
+        return DeviceRecord(*row) if row else None
+
+    def all(self) -> list[DeviceRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY prefix").fetchall()
+        return [DeviceRecord(*row) for row in rows]
+
+    def set_quota(self, android_id: str, quota_bytes: int | None) -> None:
+        """Per-device quota override; None returns the device to the node's default."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE devices SET quota_bytes = ? WHERE android_id = ?", (quota_bytes, android_id)
+            )
+
+    def set_rates(self, android_id: str, upload: int | None, download: int | None) -> None:
+        """Per-device rate override in bytes/s (None: the node's default)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE devices SET upload_rate = ?, download_rate = ? WHERE android_id = ?",
+                (upload, download, android_id),
+            )
+
+    def usage(self, android_id: str, period: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT bytes FROM usage WHERE android_id = ? AND period = ?", (android_id, period)
+            ).fetchone()
+        return row[0] if row else 0
+
+    def add_usage(self, period: str, amounts: dict[str, int]) -> None:
+        """Add bytes to devices' usage in one transaction (increments, so another
+        process may reset a device's usage meanwhile without being overwritten)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                for android_id, amount in amounts.items():
+                    self._db.execute(
+                        "INSERT INTO usage (android_id, period, bytes) VALUES (?, ?, ?)"
+                        " ON CONFLICT (android_id, period) DO UPDATE SET bytes = bytes + excluded.bytes",
+                        (android_id, period, amount),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def reset_usage(self, android_id: str, period: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM usage WHERE android_id = ? AND period = ?", (android_id, period)
+            )
+
+
+_COLUMNS = "android_id, prefix, created, last_seen, quota_bytes, upload_rate, download_rate"
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One row of the registry, as operators see it."""
+
+    android_id: str
+    prefix: str
+    created: float
+    last_seen: float
+    quota_bytes: int | None
+    upload_rate: int | None
+    download_rate: int | None

@@ -1,0 +1,87 @@
+"""The node's local control socket (``<state_dir>/control.sock``, mode 0600), through
+which ``swiftftp-proxy devices message`` reaches a running node.
+
+One JSON request per line, one JSON reply per line: ``{"command": "message",
+"prefix": "abcde", "text": "…"}`` → ``{"ok": true}`` or ``{"ok": false, "error": "…"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .protocol import notice
+
+if TYPE_CHECKING:
+    from .node import ProxyNode
+
+
+def socket_path(state_dir: Path) -> Path:
+    return state_dir / "control.sock"
+
+
+async def _execute(node: ProxyNode, request: dict[str, Any]) -> dict[str, Any]:
+    command = request.get("command")
+    if command == "message":
+        prefix, text = request.get("prefix"), request.get("text")
+        if not isinstance(prefix, str) or not isinstance(text, str):
+            return {"ok": False, "error": "message needs prefix and text"}
+        device = node.online(prefix.lower())
+        if device is None or device.command is None:
+            return {"ok": False, "error": f"device {prefix!r} is not online on this node"}
+        await device.command.notify(notice(text))
+        return {"ok": True}
+    if command == "online":
+        return {"ok": True, "prefixes": sorted(p for p in node.by_prefix if node.online(p))}
+    return {"ok": False, "error": f"unknown command {command!r}"}
+
+
+async def serve(node: ProxyNode, path: Path) -> asyncio.Server:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                line = await reader.readline()
+                try:
+                    request = orjson.loads(line)
+                    reply = await _execute(node, request) if isinstance(request, dict) else None
+                except orjson.JSONDecodeError:
+                    reply = None
+                reply = reply or {"ok": False, "error": "expected one JSON object"}
+                writer.write(orjson.dumps(reply) + b"\n")
+                await writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    old = os.umask(0o177)
+    try:
+        return await asyncio.start_unix_server(handle, str(path))
+    finally:
+        os.umask(old)
+
+
+def request(path: Path, message: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
+    """Send one request to a running node (blocking; for the CLI)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(orjson.dumps(message) + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return orjson.loads(data)

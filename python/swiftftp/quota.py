@@ -1,0 +1,89 @@
+"""Quota accounting: bytes per device per period, from the relays' live counters.
+
+Usage lives in the registry as per-period totals that only ever receive
+increments, written at least every ``quota_flush_interval`` seconds and at
+the end of every session, so a crash loses at most that many seconds of
+accounting and an operator may reset a device's usage while the node runs.
+
+Policy: a device at or over its quota is refused new data connections
+(error 15); a transfer that crosses the quota midway is allowed to finish.
+Control connections are counted but never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .node import Device, ProxyNode, Session
+
+log = logging.getLogger("swiftftp.quota")
+
+
+def period_key(period: str, now: datetime | None = None) -> str:
+    """The accounting period containing ``now`` (UTC): ``2026-11``, ``2026-W48``, ``2026-11-24``."""
+    now = now or datetime.now(UTC)
+    if period == "month":
+        return now.strftime("%Y-%m")
+    if period == "week":
+        year, week, _ = now.isocalendar()
+        return f"{year}-W{week:02d}"
+    if period == "day":
+        return now.strftime("%Y-%m-%d")
+    return "total"
+
+
+class QuotaBook:
+    """Reads and writes quota usage for the devices of one node."""
+
+    def __init__(self, node: ProxyNode) -> None:
+        self.node = node
+
+    @property
+    def period(self) -> str:
+        return period_key(self.node.settings.quota_period)
+
+    def limit(self, device: Device) -> int:
+        """The device's quota in bytes per period; 0 = unlimited."""
+        if device.quota_bytes is not None:
+            return device.quota_bytes
+        return self.node.settings.quota_bytes
+
+    def used(self, device: Device) -> int:
+        """Bytes used this period, including what running sessions moved since the last flush."""
+        pending = sum(sum(s.unaccounted()) for s in device.sessions if s.accounted is not None)
+        return self.node.registry.usage(device.android_id, self.period) + pending
+
+    def over(self, device: Device) -> bool:
+        limit = self.limit(device)
+        return bool(limit) and self.used(device) >= limit
+
+    def flush(self, sessions: list[Session] | None = None) -> None:
+        """Write what ``sessions`` (default: all accounted ones) moved since the last flush."""
+        if sessions is None:
+            sessions = [s for s in self.node.sessions if s.accounted is not None]
+        amounts: dict[str, int] = {}
+        for session in sessions:
+            if session.accounted is None or session.device is None:
+                continue
+            delta = session.take_unaccounted()
+            if delta:
+                key = session.device.android_id
+                amounts[key] = amounts.get(key, 0) + delta
+        if amounts:
+            self.node.registry.add_usage(self.period, amounts)
+
+    async def run(self) -> None:
+        """Flush periodically until cancelled; flush once more on the way out."""
+        try:
+            while True:
+                await asyncio.sleep(self.node.settings.quota_flush_interval)
+                try:
+                    self.flush()
+                except Exception:
+                    log.exception("quota flush failed")
+        finally:
+            self.flush()
