@@ -41,6 +41,7 @@ class FieldDevice:
     prefix: str = ""
     errors: list[str] = field(default_factory=list)
     replies: list[dict] = field(default_factory=list)
+    notices: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._threads: list[threading.Thread] = []
@@ -99,6 +100,8 @@ class FieldDevice:
                 self._spawn(self._control, message["port"])
             elif "action" not in message:
                 self.replies.append(message)
+            else:
+                self.notices.append(message)
 
     # ---- control connection: a minimal FTP server, no banner ---------------------------
 

@@ -376,7 +376,11 @@ class ControlBridge:
             await chan.send({"action": "data_pasv_listen"})
             proxy_port = (await agent._reply(chan))["port"]
             data = await dial(host, port, agent.settings.connect_timeout)
-        except (OSError, TimeoutError, AgentError, PeerClosed, KeyError) as exc:
+        except AgentError as exc:  # e.g. error 15: tell the client why, do not leave it hanging
+            chan.close()
+            log.warning("passive listen refused: %s", exc)
+            return f"425 Cannot open a data connection: {exc}.\r\n".encode()
+        except (OSError, TimeoutError, PeerClosed, KeyError) as exc:
             chan.close()
             log.warning("passive setup failed: %s", exc)
             return b"425 Cannot open a passive data connection.\r\n"

@@ -36,12 +36,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("swiftftp.clients")
 
 
-class LineReader:
-    """Reads CRLF/LF-terminated lines from a socket, keeping whatever follows."""
+class ClientConnection:
+    """An FTP client's control socket: line reads before login, and byte counts
+    as the client sees them (quota accounting starts with the greeting)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.buffer = b""
+        self.buffer = b""  # received, not yet consumed as a line
+        self.counts = [0, 0]  # received from the client (up), sent to it (down)
 
     async def readline(self) -> bytes:
         while (end := self.buffer.find(b"\n")) < 0:
@@ -51,13 +53,17 @@ class LineReader:
             data = await aio.recv(self.sock, 4096)
             if not data:
                 raise PeerClosed("client closed the connection")
+            self.counts[0] += len(data)
             self.buffer += data
         line, self.buffer = self.buffer[: end + 1], self.buffer[end + 1 :]
         return line
 
+    async def send(self, data: bytes) -> None:
+        await aio.sendall(self.sock, data)
+        self.counts[1] += len(data)
 
-async def _send_line(sock: socket.socket, text: str) -> None:
-    await aio.sendall(sock, text.encode() + b"\r\n")
+    async def send_line(self, text: str) -> None:
+        await self.send(text.encode() + b"\r\n")
 
 
 async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
@@ -73,22 +79,21 @@ async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
         text = ("421 Too many failed logins from your address; try again later."
                 if refusal == "locked out" else "421 Too many connections from your address.")
         with contextlib.suppress(OSError):
-            await _send_line(sock, text)
+            await aio.sendall(sock, text.encode() + b"\r\n")
         return
     try:
-        await _serve_client(node, sock, peer, ip)
+        await _serve_client(node, ClientConnection(sock), peer, ip)
     finally:
         node.guard.release(ip)
 
 
-async def _serve_client(node: ProxyNode, sock: socket.socket, peer: str, ip: str) -> None:
+async def _serve_client(node: ProxyNode, client: ClientConnection, peer: str, ip: str) -> None:
     dialogue = PreLogin(node.settings.max_login_failures)
-    reader = LineReader(sock)
     try:
-        await _send_line(sock, GREETING)
+        await client.send_line(GREETING)
         async with asyncio.timeout(node.settings.client_login_timeout) as deadline:
             while True:
-                events = dialogue.on_line(await reader.readline())
+                events = dialogue.on_line(await client.readline())
                 lookup = next((e for e in events if isinstance(e, Lookup)), None)
                 if lookup:
                     device = node.online(lookup.prefix)
@@ -102,10 +107,10 @@ async def _serve_client(node: ProxyNode, sock: socket.socket, peer: str, ip: str
                         events = [*events, Close("locked out")]
                     node.stats.login_failures += 1
                     await asyncio.sleep(node.settings.failure_delay)  # slows guessing down
-                if await _act(sock, peer, events):
+                if await _act(client, peer, events):
                     return
     except TimeoutError:
-        await _act(sock, peer, dialogue.timed_out())
+        await _act(client, peer, dialogue.timed_out())
         return
     except (PeerClosed, OSError):
         return
@@ -115,20 +120,20 @@ async def _serve_client(node: ProxyNode, sock: socket.socket, peer: str, ip: str
                 chan = await rendezvous(node, device)
             except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
                 log.info("device %s did not take the connection: %s", device.prefix, exc)
-                await _act(sock, peer, dialogue.device_unavailable())
+                await _act(client, peer, dialogue.device_unavailable())
                 return
-            await control_relay(node, device, sock, chan, lookup.user_line + reader.buffer, peer)
+            await control_relay(node, device, client, chan, lookup.user_line + client.buffer, peer)
     except Busy as exc:
         node.refuse(str(exc), f"{device.prefix} from {peer}")
-        await _act(sock, peer, [Reply(f"421 {str(exc).capitalize()}; try again later."), Close("busy")])
+        await _act(client, peer, [Reply(f"421 {str(exc).capitalize()}; try again later."), Close("busy")])
 
 
-async def _act(sock: socket.socket, peer: str, events: list) -> bool:
+async def _act(client: ClientConnection, peer: str, events: list) -> bool:
     """Carry out the dialogue's events; True when the connection should close."""
     for event in events:
         if isinstance(event, Reply):
             with contextlib.suppress(OSError):
-                await _send_line(sock, event.text)
+                await client.send_line(event.text)
         elif isinstance(event, Failure):
             log.info("client %s: login failed: %s", peer, event.reason)
         elif isinstance(event, Close):
@@ -169,34 +174,40 @@ async def rendezvous(node: ProxyNode, device: Device) -> DeviceChannel:
 async def control_relay(
     node: ProxyNode,
     device: Device,
-    client: socket.socket,
+    conn: ClientConnection,
     chan: DeviceChannel,
     first: bytes,
     peer: str,
 ) -> None:
-    """Relay the control connection, rewriting 227 replies and PORT/EPRT commands."""
+    """Relay the control connection, rewriting 227 replies and PORT/EPRT commands.
+
+    Bytes are counted on the client's side: what it sent, and what it was
+    sent after rewriting.
+    """
     await chan.settle()  # "{}" must reach the device alone, before the USER line
     device_sock, early = chan.detach()
+    client = conn.sock
     client_ip = normalize_ip(client.getpeername()[0])
     public = node.public_address_for(client)
-    counts = [0, 0]
+    counts = conn.counts
     last = [time.monotonic()]
     to_device = LineSplitter(lambda line: rewrite_port_command(line, client_ip))
     to_client = LineSplitter(lambda line: rewrite_pasv_reply(line, public))
 
-    async def pump(src: socket.socket, dst: socket.socket, lines: LineSplitter, i: int) -> None:
-        while True:
-            data = await aio.recv(src, 65536)
+    async def upstream() -> None:
+        while data := await aio.recv(client, 65536):
             last[0] = time.monotonic()
-            if not data:
-                if tail := lines.flush():
-                    await aio.sendall(dst, tail)
-                with contextlib.suppress(OSError):
-                    dst.shutdown(socket.SHUT_WR)
-                return
-            counts[i] += len(data)
-            if out := lines.feed(data):
-                await aio.sendall(dst, out)
+            counts[0] += len(data)
+            if out := to_device.feed(data):
+                await aio.sendall(device_sock, out)
+        await _finish(to_device, device_sock)
+
+    async def downstream() -> None:
+        while data := await aio.recv(device_sock, 65536):
+            last[0] = time.monotonic()
+            if out := to_client.feed(data):
+                await conn.send(out)
+        await _finish(to_client, client)
 
     device.control_peers[client_ip] += 1
     try:
@@ -204,11 +215,8 @@ async def control_relay(
             info.counters = lambda: (counts[0], counts[1])
             await aio.sendall(device_sock, to_device.feed(first))
             if early:
-                await aio.sendall(client, to_client.feed(early))
-            pumps = {
-                asyncio.ensure_future(pump(client, device_sock, to_device, 0)),
-                asyncio.ensure_future(pump(device_sock, client, to_client, 1)),
-            }
+                await conn.send(to_client.feed(early))
+            pumps = {asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())}
             idle = node.settings.idle_timeout
             try:
                 while pumps:
@@ -231,3 +239,11 @@ async def control_relay(
         device.control_peers[client_ip] -= 1
         if device.control_peers[client_ip] <= 0:
             del device.control_peers[client_ip]
+
+
+async def _finish(lines: LineSplitter, dst: socket.socket) -> None:
+    """EOF from one side: pass on any unterminated tail, then the EOF itself."""
+    if tail := lines.flush():
+        await aio.sendall(dst, tail)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)

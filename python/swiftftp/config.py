@@ -170,10 +170,10 @@ def _optional_text(value: Any) -> str | None:
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
+    def parse(value: Any) -> Any:
         if value not in options:
-            raise ValueError(f"expected one of {', '.join(options)}, got {value!r}")
-        return value
+            raise ValueError(f"expected one of {', '.join(o for o in options if o)}, got {value!r}")
+        return value or None  # "" = the default
 
     return parse
 
@@ -229,7 +229,7 @@ def _options() -> list[Option]:
         ("device_port", "device_port", _int(0, 65535)),
         ("public_address", "public_address", _optional_text), ("state_dir", "state_dir", _path),
         ("data_ports", "data_ports", parse_port_range),
-        ("relay", "relay_backend", _choice("rust", "python")),
+        ("relay", "relay_backend", _choice("", "rust", "python")),
         ("stats_listen", "stats_listen", _optional_host_port),
         ("log_format", "log_format", _choice("plain", "json")),
         ("transfer_log", "transfer_log", _optional_text),

@@ -1,0 +1,138 @@
+"""Configuration: file, environment and flags; errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swiftftp.config import Settings, describe, load_settings, parse_bytes, reloadable_changes
+from swiftftp.errors import ConfigError
+from swiftftp.limits import Guard
+from swiftftp.quota import period_key
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_original_deployment() -> None:
+    s = load_settings(env={})
+    assert (s.ftp_port, s.device_port, s.listen) == (2121, 2222, "0.0.0.0")
+    assert (s.client_login_timeout, s.device_login_timeout, s.idle_timeout) == (120, 10, 1800)
+    assert s.keepalive_interval == 50 and s.session_rate == 0
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[node]
+ftp_port = 2100
+data_ports = "50000-50100"
+[limits]
+session_rate = "2M"
+device_download_rate = "1MiB"
+[quota]
+bytes = "10G"
+period = "day"
+""")
+    s = load_settings(path, env={"SWIFTFTP_NODE_FTP_PORT": "2200", "SWIFTFTP_LIMITS_BURST": "64k"})
+    assert s.ftp_port == 2200 and s.data_ports == (50000, 50100)
+    assert s.session_rate == 2_000_000 and s.burst == 64_000
+    assert s.rates("session") == (2_000_000, 2_000_000)
+    assert s.rates("device") == (0, 1 << 20)
+    assert s.quota_bytes == 10**10 and s.quota_period == "day"
+    s = load_settings(path, env={"SWIFTFTP_NODE_FTP_PORT": "2200"}, overrides={"ftp_port": "2300"})
+    assert s.ftp_port == 2300
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[limits]\nsession_rte = 5\n", "limits.session_rte"),
+        ("[limits]\nsession_rate = -5\n", "limits.session_rate"),
+        ("[limits]\nsession_rate = \"fast\"\n", "limits.session_rate"),
+        ("[node]\nftp_port = 70000\n", "node.ftp_port"),
+        ("[node]\ndata_ports = \"9-3\"\n", "node.data_ports"),
+        ("[quota]\nperiod = \"fortnight\"\n", "quota.period"),
+        ("[timeouts]\nidle = \"soon\"\n", "timeouts.idle"),
+        ("[nodes]\nftp_port = 1\n", "nodes.ftp_port"),
+        ("limits = 5\n", "limits"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}[:]"):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_bad_env_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="limits.session_rate.*SWIFTFTP_LIMITS_SESSION_RATE"):
+        load_settings(env={"SWIFTFTP_LIMITS_SESSION_RATE": "x"})
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    good = write(tmp_path, "[limits]\nsession_rate = 1000\n")
+    done = subprocess.run([sys.executable, "-m", "swiftftp", "check-config", str(good)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    assert "limits.session_rate = 1000" in done.stdout.splitlines()
+    bad = write(tmp_path, "[limits]\nsession_rate = \"lots\"\n")
+    done = subprocess.run([sys.executable, "-m", "swiftftp", "check-config", str(bad)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "limits.session_rate" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_describe_round_trips(tmp_path: Path) -> None:
+    s = load_settings(env={})
+    text = "\n".join(describe(s))
+    # the printed settings are themselves a valid config file (sections.keys → tables)
+    tables: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        section, rest = line.split(".", 1)
+        tables.setdefault(section, []).append(rest)
+    doc = "\n".join(f"[{k}]\n" + "\n".join(v) for k, v in tables.items())
+    again = load_settings(write(tmp_path, doc), env={})
+    assert again == s
+
+
+def test_reload_tells_what_needs_a_restart() -> None:
+    old = Settings()
+    new = Settings(session_rate=5, ftp_port=2000)
+    applied, ignored = reloadable_changes(old, new)
+    assert applied == ["limits.session_rate"] and ignored == ["node.ftp_port"]
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    (0, 0), (1500, 1500), ("1500", 1500), ("1.5k", 1500), ("2M", 2_000_000), ("2MB", 2_000_000),
+    ("1KiB", 1024), ("1 GiB", 1 << 30), ("10g", 10**10),
+])
+def test_parse_bytes(text: object, value: int) -> None:
+    assert parse_bytes(text) == value
+
+
+def test_guard_locks_out_a_guessing_ip() -> None:
+    guard = Guard(Settings(guess_max_failures=3, guess_window=60, guess_lockout=60,
+                           max_connections_per_ip=2))
+    assert not guard.failure("198.51.100.1") and not guard.failure("198.51.100.1")
+    assert guard.failure("198.51.100.1")
+    assert guard.admit("198.51.100.1") == "locked out"
+    assert guard.admit("198.51.100.2") is None
+    assert guard.admit("198.51.100.2") is None
+    assert guard.admit("198.51.100.2") == "too many connections from this address"
+    guard.release("198.51.100.2")
+    assert guard.admit("198.51.100.2") is None
+
+
+def test_periods() -> None:
+    from datetime import UTC, datetime
+
+    t = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)
+    assert period_key("month", t) == "2026-11"
+    assert period_key("day", t) == "2026-11-24"
+    assert period_key("week", t) == "2026-W48"
+    assert period_key("total", t) == "total"
