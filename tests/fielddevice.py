@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -42,6 +43,10 @@ class FieldDevice:
     errors: list[str] = field(default_factory=list)
     replies: list[dict] = field(default_factory=list)
     notices: list[dict] = field(default_factory=list)
+    #: replies the proxy gave on data connections (data_pasv_listen, _accept, _port_connect)
+    data_replies: list[dict] = field(default_factory=list)
+    #: name → (time of the first chunk, time of the last, bytes after the first chunk)
+    upload_times: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._threads: list[threading.Thread] = []
@@ -188,6 +193,7 @@ class FtpSession:
         sock = self.device.connect()
         write_one(sock, {"action": "data_pasv_listen"})
         reply = read_one(sock)
+        self.device.data_replies.append(reply)
         if "port" not in reply:
             sock.close()
             self.reply("425 Cannot open data connection.")
@@ -220,7 +226,7 @@ class FtpSession:
             self.reply("425 Use PASV or PORT first.")
             return None
         reply = read_one(sock)  # "{}" alone: raw bytes in this read would be lost
-        self.device.replies.append(reply)
+        self.device.data_replies.append(reply)
         if reply != {}:
             sock.close()
             self.reply("425 Cannot open data connection.")
@@ -256,8 +262,14 @@ class FtpSession:
             return
         self.reply("150 Ok to send data.")
         chunks = []
+        first = last = 0.0
         with sock:
             while chunk := sock.recv(65536):
+                last = time.monotonic()
+                first = first or last
                 chunks.append(chunk)
-        self.device.files[arg.lstrip("/")] = b"".join(chunks)
+        name = arg.lstrip("/")
+        self.device.files[name] = b"".join(chunks)
+        if chunks:
+            self.device.upload_times[name] = (first, last, len(self.device.files[name]) - len(chunks[0]))
         self.reply("226 Transfer complete.")

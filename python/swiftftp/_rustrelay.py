@@ -105,7 +105,7 @@ class RustBackend:
 
     ``workers`` and ``pipe_size`` configure the process-wide engine when it
     starts (defaults: ``SWIFTFTP_RELAY_WORKERS`` or one per CPU, and
-    ``SWIFTFTP_RELAY_PIPE_SIZE`` or 1 MiB); the engine starts on first use.
+    ``SWIFTFTP_RELAY_PIPE_SIZE`` or 256 KiB); the engine starts on first use.
     """
 
     name = "rust"
