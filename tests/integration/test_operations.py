@@ -248,7 +248,7 @@ def test_over_quota_through_the_agent_reaches_the_client(make_proxy, tmp_path: P
         ftp.connect("127.0.0.1", proxy.ftp_port, timeout=20)
         ftp.login(f"{agent.prefix}_user", "secret")
         ftp.retrbinary("RETR f.bin", lambda _: None)
-        with pytest.raises(ftplib.error_temp, match="425.*quota"):
+        with pytest.raises(ftplib.error_temp, match=r"425.*quota"):
             ftp.retrbinary("RETR f.bin", lambda _: None)
         ftp.quit()
     finally:

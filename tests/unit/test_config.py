@@ -69,7 +69,7 @@ def test_bad_settings_name_the_key(tmp_path: Path, text: str, key: str) -> None:
 
 
 def test_bad_env_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="limits.session_rate.*SWIFTFTP_LIMITS_SESSION_RATE"):
+    with pytest.raises(ConfigError, match=r"limits\.session_rate.*SWIFTFTP_LIMITS_SESSION_RATE"):
         load_settings(env={"SWIFTFTP_LIMITS_SESSION_RATE": "x"})
 
 
