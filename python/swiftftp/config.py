@@ -88,8 +88,6 @@ class Settings:
     guess_lockout: float = 900.0
     #: A failed login is answered after this pause (slows guessing on one connection).
     failure_delay: float = 1.0
-    #: Client bytes buffered while the device is being fetched.
-    max_early_bytes: int = 65536
 
     # [quota]
     #: Bytes per device per period (control and data, both ways); 0 = unlimited.
@@ -251,7 +249,6 @@ def _options() -> list[Option]:
         ("max_pending_listeners", count), ("max_connections_per_ip", count),
         ("max_login_failures", _int(1, 1000)), ("guess_max_failures", _int(1, 10**6)),
         ("guess_window", seconds), ("guess_lockout", seconds), ("failure_delay", seconds),
-        ("max_early_bytes", parse_bytes),
     ]
     quota = [
         ("bytes", "quota_bytes", parse_bytes),
