@@ -9,13 +9,6 @@ use nix::errno::Errno;
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use nix::unistd::pipe2;
 
-/// Default pipe size, in bytes; `SWIFTFTP_RELAY_PIPE_SIZE` overrides it.
-/// Measured in benches/ (one iperf3 stream on loopback, 2 cores): see
-/// `engine::DEFAULT_PIPE_SIZE` for the figures.
-pub fn default_size() -> usize {
-    crate::engine::DEFAULT_PIPE_SIZE
-}
-
 /// A non-blocking pipe plus the count of bytes sitting in it.
 #[derive(Debug)]
 pub struct Pipe {
