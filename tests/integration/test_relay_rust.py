@@ -1,0 +1,100 @@
+"""What only the Rust backend has: its engine, per-loop notifiers, type checks."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from swiftftp import relay
+from tests.helpers import open_fds, run, tcp_pair
+
+pytestmark = pytest.mark.skipif("rust" not in relay.available(), reason="extension not built")
+
+
+def _backend():
+    return relay.get_backend("rust")
+
+
+def test_start_takes_only_rust_buckets_and_keeps_the_sockets_on_refusal() -> None:
+    a, b = socket.socketpair()
+
+    async def main() -> None:
+        with pytest.raises(TypeError):
+            _backend().start(a, b, up=[relay.get_backend("python").bucket(1000)])
+
+    run(main())
+    assert a.fileno() >= 0 and b.fileno() >= 0, "still owned by the caller"
+    a.close()
+    b.close()
+
+
+def test_start_needs_a_running_loop() -> None:
+    a, b = socket.socketpair()
+    with pytest.raises(RuntimeError):
+        _backend().start(a, b)
+    assert a.fileno() >= 0
+    a.close()
+    b.close()
+
+
+def test_engine_runs_a_fixed_set_of_workers() -> None:
+    from swiftftp import _splice
+
+    async def one() -> None:
+        client, ra = tcp_pair()
+        rb, server = tcp_pair()
+        handle = _backend().start(ra, rb)
+        client.close()
+        server.close()
+        await handle
+
+    run(one())
+    workers, pipe_size = _splice.init()
+    assert workers >= 1 and pipe_size > 0
+    with pytest.raises(OSError):
+        _splice.init(workers + 1)
+    assert _splice.running() == 0
+
+
+def test_one_notifier_per_loop_and_none_left_by_closed_loops() -> None:
+    """Many short-lived loops (uvloop too) do not pile up eventfds."""
+
+    async def one() -> None:
+        client, ra = tcp_pair()
+        rb, server = tcp_pair()
+        handle = _backend().start(ra, rb)
+        client.sendall(b"q")
+        client.shutdown(socket.SHUT_WR)
+        server.shutdown(socket.SHUT_WR)
+        assert await handle == (1, 0)
+        client.close()
+        server.close()
+
+    run(one())
+    run(one(), uvloop=True)
+    fds = open_fds()
+    for i in range(30):
+        run(one(), uvloop=bool(i % 2))
+    assert open_fds() <= fds + 1  # at most the notifier of the last loop
+
+
+def test_sessions_spread_over_workers_and_end_cleanly() -> None:
+    from swiftftp import _splice
+
+    async def main() -> None:
+        pairs = []
+        for _ in range(20):
+            client, ra = tcp_pair()
+            rb, server = tcp_pair()
+            pairs.append((client, server, _backend().start(ra, rb)))
+        await asyncio.sleep(0.05)
+        assert _splice.running() == 20
+        for client, server, _ in pairs:
+            client.close()
+            server.close()
+        assert [await h for _, _, h in pairs] == [(0, 0)] * 20
+        assert _splice.running() == 0
+
+    run(main())
