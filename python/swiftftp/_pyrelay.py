@@ -164,28 +164,18 @@ class PyRelay:
         down: list[PyBucket],
         idle: float | None,
     ) -> RelayResult:
-        pumps = {
-            asyncio.ensure_future(self._pump(a, b, up, 0)),
-            asyncio.ensure_future(self._pump(b, a, down, 1)),
-        }
         try:
-            while pumps:
-                timeout = None if idle is None else max(0.0, self._last + idle - time.monotonic())
-                done, pumps = await asyncio.wait(
-                    pumps, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    task.result()
-                if idle is not None and not done and time.monotonic() - self._last >= idle:
-                    raise TimeoutError(f"relay idle for {idle:g} s")
-            return RelayResult(*self._counts)
+            await aio.run_all(
+                self._pump(a, b, up, 0),
+                self._pump(b, a, down, 1),
+                deadline=None if idle is None else lambda: self._last + idle,
+            )
+        except TimeoutError:
+            raise TimeoutError(f"relay idle for {idle:g} s") from None
         finally:
-            for task in pumps:
-                task.cancel()
-            if pumps:
-                await asyncio.gather(*pumps, return_exceptions=True)
             a.close()
             b.close()
+        return RelayResult(*self._counts)
 
     async def _pump(
         self, src: socket.socket, dst: socket.socket, chain: list[PyBucket], index: int

@@ -150,24 +150,15 @@ class Agent:
             self.prefix = (await self._reply(chan))["prefix"]
             host = self.proxy_host if ":" not in self.proxy_host else f"[{self.proxy_host}]"
             self.on_ready(f"ftp://{self.prefix}_{self.settings.user}@{host}:{self.settings.client_port}/")
-            tasks = {
-                asyncio.ensure_future(self._listen(chan)),
-                asyncio.ensure_future(self._keepalive(chan)),
-            }
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            # both end by raising: the proxy fell silent, closed, or asked us to move
+            await aio.run_all(self._listen(chan), self._keepalive(chan))
         finally:
             chan.close()
 
     async def _listen(self, chan: DeviceChannel) -> None:
         while self._handle(await chan.recv()):
             pass
+        raise AgentError(f"reconnecting to {self._reconnect_to}")
 
     def _handle(self, message: dict[str, Any]) -> bool:
         """React to one message on the command session; False to reconnect."""
@@ -193,8 +184,7 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             if time.monotonic() - chan.last_recv > 3 * interval:
-                log.warning("proxy silent for %.0f s, reconnecting", 3 * interval)
-                return
+                raise PeerClosed(f"proxy silent for {3 * interval:.0f} s")
             await chan.send({"action": "noop"})
 
     async def _control(self, port: int) -> None:
@@ -250,19 +240,10 @@ class ControlBridge:
 
     async def run(self, early: bytes) -> None:
         await self._read_banner()
-        tasks = {
-            asyncio.ensure_future(self._pump(self.proxy, self.server, early, self._from_client)),
-            asyncio.ensure_future(self._pump(self.server, self.proxy, b"", self._from_server)),
-        }
-        try:
-            while tasks:
-                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        await aio.run_all(
+            self._pump(self.proxy, self.server, early, self._from_client),
+            self._pump(self.server, self.proxy, b"", self._from_server),
+        )
 
     async def _read_banner(self) -> None:
         """The proxy greeted the client already; the server's 220 is not passed on."""

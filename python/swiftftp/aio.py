@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 
 async def _wait(sock: socket.socket, write: bool) -> None:
@@ -96,3 +99,28 @@ async def connect(sock: socket.socket, address: tuple) -> None:
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"connect to {address[0]}:{address[1]}: {socket.errno.errorcode.get(err, err)}")
+
+
+async def run_all(
+    *coros: Coroutine[Any, Any, Any], deadline: Callable[[], float] | None = None
+) -> None:
+    """Run ``coros`` as tasks until every one has finished.
+
+    The first to fail cancels the others (and they are awaited before this
+    returns, so their sockets may be closed right after).  ``deadline``, read
+    again after every wake-up, is a ``time.monotonic()`` instant: once it has
+    passed, ``TimeoutError`` (an idle timeout that activity keeps pushing back).
+    """
+    tasks = {asyncio.ensure_future(coro) for coro in coros}
+    try:
+        while tasks:
+            timeout = None if deadline is None else max(0.0, deadline() - time.monotonic())
+            done, tasks = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
+            if deadline is not None and not done and time.monotonic() >= deadline():
+                raise TimeoutError("idle")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -216,22 +216,8 @@ async def control_relay(
             await aio.sendall(device_sock, to_device.feed(first))
             if early:
                 await conn.send(to_client.feed(early))
-            pumps = {asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())}
             idle = node.settings.idle_timeout
-            try:
-                while pumps:
-                    timeout = max(0.0, last[0] + idle - time.monotonic())
-                    done, pumps = await asyncio.wait(
-                        pumps, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    for task in done:
-                        task.result()
-                    if not done and time.monotonic() - last[0] >= idle:
-                        raise TimeoutError("control connection idle")
-            finally:
-                for task in pumps:
-                    task.cancel()
-                await asyncio.gather(*pumps, return_exceptions=True)
+            await aio.run_all(upstream(), downstream(), deadline=lambda: last[0] + idle)
     except (OSError, TimeoutError):
         pass
     finally:
