@@ -55,11 +55,12 @@ class RustRelay:
         """The worker finished the session: resolve the future from its outcome."""
         if self._future.done():
             return
-        try:
-            result = self._session.result()
-        except OSError as exc:
+        # An exception object that was never raised: no traceback holding our frames.
+        exc = self._session.exception()
+        if exc is not None:
             self._future.set_exception(exc)
             return
+        result = self._session.result()
         if result is None:
             self._future.cancel()
         else:
@@ -72,19 +73,35 @@ class RustRelay:
 
 
 class _Waiter:
-    """Completion notices of one event loop (see the module docs)."""
+    """Completion notices of one event loop (see the module docs).
+
+    Lives while the loop has relays running: the last notice closes it, so an
+    idle loop (or a closed one) holds no eventfd.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.notifier = _splice.Notifier()
+        self.fd = self.notifier.fileno()
         self.pending: dict[int, RustRelay] = {}
         # No reference to the loop here: the loop → waiter map is weak on the loop.
-        loop.add_reader(self.notifier.fileno(), self._drain)
+        loop.add_reader(self.fd, self._drain)
 
     def _drain(self) -> None:
         for sid in self.notifier.drain():
             relay = self.pending.pop(sid, None)
             if relay is not None:
                 relay._settle()
+        if not self.pending:
+            loop = asyncio.get_running_loop()
+            if _waiters.get(loop) is self:
+                del _waiters[loop]
+            self.close(loop)
+
+    def close(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Stop watching and close the eventfd (not left to the garbage collector)."""
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self.fd)
+        self.notifier.close()
 
 
 _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiter] = weakref.WeakKeyDictionary()
@@ -93,9 +110,9 @@ _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiter] = weakre
 def _waiter(loop: asyncio.AbstractEventLoop) -> _Waiter:
     waiter = _waiters.get(loop)
     if waiter is None:
-        # Forget loops closed meanwhile: their eventfds close with their waiters.
+        # Forget loops closed with relays still running.
         for old in [old for old in _waiters if old.is_closed()]:
-            del _waiters[old]
+            _waiters.pop(old).close(None)
         waiter = _waiters[loop] = _Waiter(loop)
     return waiter
 
@@ -111,9 +128,9 @@ class RustBackend:
     name = "rust"
 
     def __init__(self, workers: int | None = None, pipe_size: int | None = None) -> None:
-        self._workers = workers
-        self._pipe_size = pipe_size
-        self._started = False
+        # Start the worker threads now, not on the first relay: a process's
+        # resources (threads, epoll fds) are then constant from here on.
+        self.workers, self.pipe_size = _splice.init(workers, pipe_size)
 
     def bucket(self, rate: float = 0, burst: float | None = None) -> _splice.Bucket:
         return _splice.Bucket(rate, burst)
@@ -132,9 +149,6 @@ class RustBackend:
         for bucket in (*up, *down):
             if not isinstance(bucket, _splice.Bucket):
                 raise TypeError(f"not a rust relay bucket: {bucket!r} (use backend.bucket())")
-        if not self._started:
-            _splice.init(self._workers, self._pipe_size)
-            self._started = True
         waiter = _waiter(loop)
         # From here on the fds belong to the extension, which closes them.
         session = _splice.start(a.detach(), b.detach(), waiter.notifier, up, down, idle_timeout=idle_timeout)

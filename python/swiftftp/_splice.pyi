@@ -32,6 +32,8 @@ class Notifier:
         """The eventfd to watch for reading; owned by the notifier."""
     def drain(self) -> list[int]:
         """Ids of the sessions finished since the last call."""
+    def close(self) -> None:
+        """Close the eventfd now; sessions still running will not notify."""
 
 class Session:
     """A relay session running on a worker thread."""
@@ -44,6 +46,9 @@ class Session:
         """Close both sockets (asynchronously, on the worker)."""
     def done(self) -> bool:
         """True once the sockets are closed and the outcome stored."""
+    def exception(self) -> OSError | None:
+        """The error it ended with, as an exception object never raised (no
+        traceback); None if it did not fail or is still running."""
     def result(self) -> tuple[int, int] | None:
         """Final (up, down); None if cancelled; raises the OSError it ended
         with (``TimeoutError`` when idle); RuntimeError while running."""

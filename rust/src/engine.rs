@@ -28,7 +28,9 @@ pub struct Handle {
     /// Live byte counts.
     pub counters: Arc<Counters>,
     outcome: Mutex<Option<Outcome>>,
-    notifier: Arc<Notifier>,
+    /// Released once told, so a loop's notifier (and its eventfd) goes away
+    /// with the last session it waits for, not with the last handle.
+    notifier: Mutex<Option<Arc<Notifier>>>,
     inbox: Arc<Inbox>,
 }
 
@@ -52,7 +54,14 @@ impl Handle {
     /// Called by the worker once the session's sockets are closed.
     pub(crate) fn complete(&self, outcome: Outcome) {
         *self.outcome.lock().unwrap_or_else(PoisonError::into_inner) = Some(outcome);
-        self.notifier.push(self.id);
+        let notifier = self
+            .notifier
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(notifier) = notifier {
+            notifier.push(self.id);
+        }
     }
 }
 
@@ -182,7 +191,7 @@ impl Engine {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             counters,
             outcome: Mutex::new(None),
-            notifier,
+            notifier: Mutex::new(Some(notifier)),
             inbox: inbox.clone(),
         });
         inbox.load.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +280,11 @@ mod tests {
         notified.sort_unstable();
         assert_eq!(notified, ids);
         assert_eq!(engine.totals(), (20_000, 0));
+        assert_eq!(
+            Arc::strong_count(&n),
+            1,
+            "finished sessions let go of the notifier"
+        );
         assert_eq!(engine.running(), 0);
     }
 

@@ -108,6 +108,11 @@ impl PyNotifier {
     fn drain(&self) -> Vec<u64> {
         self.inner.drain()
     }
+
+    /// Close the eventfd now; sessions still running will not notify.
+    fn close(&self) {
+        self.inner.close()
+    }
 }
 
 /// A session running on a worker thread (see ``start``).
@@ -139,21 +144,38 @@ impl PySession {
         self.handle.outcome().is_some()
     }
 
+    /// The error the session ended with, as an exception object not raised
+    /// (no traceback, so no frames kept alive); None if it did not fail.
+    fn exception(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        outcome_error(self.handle.outcome()?).map(|e| e.into_value(py).into_any())
+    }
+
     /// The final (up, down); None if cancelled; raises the OSError (with
     /// errno: ``ConnectionResetError``..., ``TimeoutError`` when idle) it
     /// ended with; RuntimeError while still running.
     fn result(&self) -> PyResult<Option<(u64, u64)>> {
-        match self.handle.outcome() {
-            None => Err(PyRuntimeError::new_err("relay still running")),
-            Some(Outcome::Done(up, down)) => Ok(Some((up, down))),
-            Some(Outcome::Cancelled) => Ok(None),
-            Some(Outcome::TimedOut) => Err(PyTimeoutError::new_err((
-                libc::ETIMEDOUT,
-                "relay idle timeout",
-            ))),
-            // OSError(errno, text) builds the matching subclass (ConnectionResetError...).
-            Some(Outcome::Failed(e)) => Err(PyOSError::new_err((e as i32, e.desc()))),
+        let outcome = self
+            .handle
+            .outcome()
+            .ok_or_else(|| PyRuntimeError::new_err("relay still running"))?;
+        match outcome {
+            Outcome::Done(up, down) => Ok(Some((up, down))),
+            Outcome::Cancelled => Ok(None),
+            failed => Err(outcome_error(failed).expect("a failure")),
         }
+    }
+}
+
+/// The Python exception of a failed outcome.
+fn outcome_error(outcome: Outcome) -> Option<PyErr> {
+    match outcome {
+        Outcome::Done(..) | Outcome::Cancelled => None,
+        Outcome::TimedOut => Some(PyTimeoutError::new_err((
+            libc::ETIMEDOUT,
+            "relay idle timeout",
+        ))),
+        // OSError(errno, text) builds the matching subclass (ConnectionResetError...).
+        Outcome::Failed(e) => Some(PyOSError::new_err((e as i32, e.desc()))),
     }
 }
 

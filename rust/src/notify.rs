@@ -7,15 +7,21 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 /// An eventfd plus the ids of the sessions finished since the last drain.
 #[derive(Debug)]
 pub struct Notifier {
-    efd: EventFd,
-    done: Mutex<Vec<u64>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// None once closed: pushes are then dropped (nobody listens any more).
+    efd: Option<EventFd>,
+    done: Vec<u64>,
 }
 
 impl Notifier {
@@ -23,32 +29,51 @@ impl Notifier {
     pub fn new() -> io::Result<Self> {
         let efd = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         Ok(Notifier {
-            efd,
-            done: Mutex::new(Vec::new()),
+            inner: Mutex::new(Inner {
+                efd: Some(efd),
+                done: Vec::new(),
+            }),
         })
     }
 
-    /// The fd to watch for readability.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The fd to watch for readability; -1 once closed.
     pub fn fd(&self) -> RawFd {
-        self.efd.as_fd().as_raw_fd()
+        self.lock()
+            .efd
+            .as_ref()
+            .map_or(-1, |e| e.as_fd().as_raw_fd())
     }
 
     /// Called by a worker: session `id` has its outcome stored.
     pub fn push(&self, id: u64) {
-        self.done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(id);
-        // EAGAIN only if the counter reached u64::MAX - 1: it is readable anyway.
-        let _ = self.efd.write(1);
+        let mut inner = self.lock();
+        if let Some(efd) = &inner.efd {
+            // EAGAIN only if the counter reached u64::MAX - 1: it is readable anyway.
+            let _ = efd.write(1);
+            inner.done.push(id);
+        }
     }
 
-    /// Called by the loop: the ids finished so far. Reads the eventfd first so
-    /// an id pushed after the read is also followed by a fresh wake-up.
+    /// Called by the loop: the ids finished so far (and the eventfd reset).
     pub fn drain(&self) -> Vec<u64> {
-        // EAGAIN (nothing pushed) is the only error an eventfd read can give.
-        let _ = self.efd.read();
-        std::mem::take(&mut *self.done.lock().unwrap_or_else(PoisonError::into_inner))
+        let mut inner = self.lock();
+        if let Some(efd) = &inner.efd {
+            // EAGAIN (nothing pushed) is the only error an eventfd read can give.
+            let _ = efd.read();
+        }
+        std::mem::take(&mut inner.done)
+    }
+
+    /// Close the eventfd now rather than when the last reference goes (the
+    /// loop no longer watches it); later pushes are ignored.
+    pub fn close(&self) {
+        let mut inner = self.lock();
+        inner.efd = None;
+        inner.done.clear();
     }
 }
 
@@ -58,7 +83,11 @@ mod tests {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
     fn readable(n: &Notifier) -> bool {
-        let mut fds = [PollFd::new(n.efd.as_fd(), PollFlags::POLLIN)];
+        let inner = n.lock();
+        let mut fds = [PollFd::new(
+            inner.efd.as_ref().unwrap().as_fd(),
+            PollFlags::POLLIN,
+        )];
         poll(&mut fds, PollTimeout::ZERO).unwrap() == 1
     }
 
@@ -72,6 +101,17 @@ mod tests {
         assert!(readable(&n));
         assert_eq!(n.drain(), vec![7, 9]);
         assert!(!readable(&n));
+    }
+
+    #[test]
+    fn close_releases_the_fd_and_ignores_later_pushes() {
+        let n = Notifier::new().unwrap();
+        assert!(n.fd() >= 0);
+        n.push(1);
+        n.close();
+        assert_eq!(n.fd(), -1);
+        n.push(2);
+        assert!(n.drain().is_empty());
     }
 
     #[test]
