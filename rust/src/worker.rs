@@ -7,7 +7,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -78,6 +78,9 @@ struct Worker {
     inbox: Arc<Inbox>,
     sessions: HashMap<u64, Entry>,
     timers: BinaryHeap<Reverse<(Instant, u64, Timer)>>,
+    /// Sessions that spent their budget with bytes still waiting: run again
+    /// after the next (non-blocking) poll.
+    again: Vec<u64>,
     stopping: bool,
 }
 
@@ -95,6 +98,7 @@ pub fn spawn(index: usize) -> io::Result<Arc<Inbox>> {
         inbox: inbox.clone(),
         sessions: HashMap::new(),
         timers: BinaryHeap::new(),
+        again: Vec::new(),
         stopping: false,
     };
     std::thread::Builder::new()
@@ -112,10 +116,13 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut dirty: Vec<u64> = Vec::new();
         while !self.stopping {
-            let timeout = self
-                .timers
-                .peek()
-                .map(|Reverse((at, _, _))| at.saturating_duration_since(Instant::now()));
+            let timeout = if self.again.is_empty() {
+                self.timers
+                    .peek()
+                    .map(|Reverse((at, _, _))| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -141,6 +148,7 @@ impl Worker {
                     dirty.push(id);
                 }
             }
+            dirty.append(&mut self.again);
             dirty.sort_unstable();
             dirty.dedup();
             for id in dirty.drain(..) {
@@ -226,6 +234,7 @@ impl Worker {
                 }
             }
             Status::Waiting(None) => {}
+            Status::Busy => self.again.push(id),
         }
     }
 
