@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import weakref
 from collections.abc import Generator, Sequence
 from typing import Any
@@ -93,8 +94,9 @@ class _Waiter:
                 relay._settle()
         if not self.pending:
             loop = asyncio.get_running_loop()
-            if _waiters.get(loop) is self:
-                del _waiters[loop]
+            with _waiters_lock:
+                if _waiters.get(loop) is self:
+                    del _waiters[loop]
             self.close(loop)
 
     def close(self, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -105,16 +107,19 @@ class _Waiter:
 
 
 _waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Waiter] = weakref.WeakKeyDictionary()
+# Loops in several threads (the proxy's and an agent's, in tests) share the map.
+_waiters_lock = threading.Lock()
 
 
 def _waiter(loop: asyncio.AbstractEventLoop) -> _Waiter:
-    waiter = _waiters.get(loop)
-    if waiter is None:
-        # Forget loops closed with relays still running.
-        for old in [old for old in _waiters if old.is_closed()]:
-            _waiters.pop(old).close(None)
-        waiter = _waiters[loop] = _Waiter(loop)
-    return waiter
+    with _waiters_lock:
+        waiter = _waiters.get(loop)
+        if waiter is None:
+            # Forget loops closed with relays still running.
+            for old in [old for old in _waiters if old.is_closed()]:
+                _waiters.pop(old).close(None)
+            waiter = _waiters[loop] = _Waiter(loop)
+        return waiter
 
 
 class RustBackend:

@@ -184,6 +184,11 @@ impl Session {
         }
     }
 
+    /// True while a direction sleeps for tokens (a rate change concerns it).
+    pub fn is_throttled(&self) -> bool {
+        self.dirs.iter().any(|d| d.pending.is_some())
+    }
+
     /// When the idle timeout strikes if nothing moves before.
     pub fn idle_deadline(&self) -> Option<Instant> {
         self.idle.map(|d| self.last_active + d)
@@ -558,6 +563,7 @@ mod tests {
         let Status::Waiting(Some(wake)) = r.session.run(now) else {
             panic!("not throttled")
         };
+        assert!(r.session.is_throttled());
         assert_eq!(r.counters.get().0, 10_000);
         let wait = wake - now;
         assert!(

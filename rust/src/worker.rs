@@ -168,7 +168,12 @@ impl Worker {
             Command::Start(session, handle) => self.adopt(*session, handle, now),
             Command::Cancel(id) => self.end(id, Outcome::Cancelled, now),
             Command::Rebucket => {
-                let ids: Vec<u64> = self.sessions.keys().copied().collect();
+                let ids: Vec<u64> = self
+                    .sessions
+                    .iter()
+                    .filter(|(_, e)| e.session.is_throttled())
+                    .map(|(&id, _)| id)
+                    .collect();
                 for id in ids {
                     self.advance(id, now);
                 }

@@ -101,3 +101,39 @@ def test_sessions_spread_over_workers_and_end_cleanly() -> None:
         assert _splice.running() == 0
 
     run(main())
+
+
+def test_loops_in_several_threads_at_once() -> None:
+    """Each thread's loop gets its own notices (as the proxy's and an agent's loops do)."""
+    import threading
+
+    async def batch(tag: bytes) -> None:
+        async def one() -> None:
+            client, ra = tcp_pair()
+            rb, server = tcp_pair()
+            handle = _backend().start(ra, rb)
+            client.sendall(tag)
+            client.shutdown(socket.SHUT_WR)
+            server.shutdown(socket.SHUT_WR)
+            assert await asyncio.to_thread(server.recv, 10) == tag
+            assert await handle == (len(tag), 0)
+            client.close()
+            server.close()
+
+        for _ in range(5):
+            await asyncio.gather(*(one() for _ in range(20)))
+
+    errors: list[BaseException] = []
+
+    def thread(tag: bytes, uv: bool) -> None:
+        try:
+            run(batch(tag), uvloop=uv)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread, args=(b"t%d" % i, i % 2 == 1)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
