@@ -137,6 +137,9 @@ class PyRelay:
     ) -> None:
         for s in (a, b):
             s.setblocking(False)
+            # a request written in two pieces must not wait ~40 ms (Nagle + delayed ACK)
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._backend = backend
         self._counts = [0, 0]
         self._last = time.monotonic()
