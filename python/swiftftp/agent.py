@@ -149,7 +149,10 @@ class Agent:
             await chan.send({"action": "start_command_session"})
             self.prefix = (await self._reply(chan))["prefix"]
             host = self.proxy_host if ":" not in self.proxy_host else f"[{self.proxy_host}]"
-            self.on_ready(f"ftp://{self.prefix}_{self.settings.user}@{host}:{self.settings.client_port}/")
+            user = f"{self.prefix}_{self.settings.user}"
+            if self.settings.user == "anonymous":
+                user += ":"  # an empty password given, so lftp does not stop to ask for one
+            self.on_ready(f"ftp://{user}@{host}:{self.settings.client_port}/")
             # both end by raising: the proxy fell silent, closed, or asked us to move
             await aio.run_all(self._listen(chan), self._keepalive(chan))
         finally:

@@ -190,3 +190,21 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=30,
         )
     assert done.returncode == 1 and "cannot listen" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_prints_a_url_any_client_can_open(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "swiftftp", "demo", "--state-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("demo ready: serving")
+        url = proc.stdout.readline().strip()
+        assert re.fullmatch(r"ftp://[a-z]{5}_anonymous:@127\.0\.0\.1:\d+/", url), url
+        got = subprocess.run(["curl", "-sS", "--max-time", "20", url + "hello.txt"],
+                             capture_output=True, text=True, timeout=30)
+        assert got.stdout == "Hello from behind the NAT!\n", got.stderr
+        got = subprocess.run(["lftp", "-c", f"open {url}; cat hello.txt"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True, timeout=30)
+        assert got.stdout == "Hello from behind the NAT!\n", got.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
