@@ -23,12 +23,14 @@ def proxy(backend_name: str, tmp_path: Path) -> Iterator[ProxyThread]:
         node_settings(tmp_path / "state", relay_backend=backend_name, device_login_timeout=1,
                       client_login_timeout=2, pasv_accept_timeout=1)
     )
-    tasks, fds = node.tasks(), open_fds()
+    tasks, fds, nthreads = node.tasks(), open_fds(), threading.active_count()
     try:
         yield node
-        # every test leaves the node as it found it
+        # every test leaves the node as it found it: tasks, sockets, listening ports, threads
         wait_until(lambda: node.tasks() == tasks, 10, "node tasks back to baseline")
         wait_until(lambda: open_fds() <= fds, 10, "fds back to baseline")
+        wait_until(lambda: threading.active_count() <= nthreads, 10, "threads back to baseline")
+        assert node.run(lambda n: (n.pending_listeners, len(n.sessions), len(n.devices))) == (0, 0, 0)
     finally:
         node.close()
 

@@ -102,6 +102,7 @@ def test_download_rate_limits(make_proxy, devices, scope: str) -> None:
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         windows = list(pool.map(lambda d: timed_download(proxy, d, "f"), targets))
     measured = rate_of(windows)
+    print(f"{scope} download limit {rate} B/s: measured {measured:.0f} B/s")
     assert abs(measured - rate) <= 0.05 * rate, f"{scope}: {measured:.0f} B/s for {rate}"
 
 
@@ -119,6 +120,7 @@ def test_upload_rate_is_separate_from_download(make_proxy, devices) -> None:
     assert device.files["up.bin"] == payload
     first, last, nbytes = device.upload_times["up.bin"]
     measured = nbytes / (last - first)
+    print(f"session upload limit {up_rate} B/s: measured {measured:.0f} B/s")
     assert abs(measured - up_rate) <= 0.05 * up_rate, f"{measured:.0f} B/s for {up_rate}"
 
 
@@ -128,6 +130,7 @@ def test_per_device_override_from_the_registry(make_proxy, devices) -> None:
     proxy.node.registry.set_rates("paying", None, 2_000_000)
     paying = start_device(devices, proxy, "paying", {"f": os.urandom(3_000_000)})
     measured = rate_of([timed_download(proxy, paying, "f")])
+    print(f"device override 2000000 B/s: measured {measured:.0f} B/s")
     assert abs(measured - 2_000_000) <= 0.05 * 2_000_000, measured
 
 

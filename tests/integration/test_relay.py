@@ -236,6 +236,7 @@ def _measure_rate(backend: relay.Backend, rate: float, seconds: float = 3.0):
 @pytest.mark.parametrize("rate", [200_000, 1_000_000, 4_000_000])
 def test_throttle_accuracy(backend: relay.Backend, rate: int) -> None:
     measured = _measure_rate(backend, rate)
+    print(f"relay limit {rate} B/s: measured {measured:.0f} B/s")
     assert abs(measured - rate) <= 0.05 * rate, f"{measured:.0f} B/s for a limit of {rate}"
 
 
@@ -277,6 +278,7 @@ def test_shared_device_bucket_is_split_fairly(backend: relay.Backend) -> None:
         return totals
 
     totals = run(main())
+    print(f"shared device bucket {rate} B/s over 3 s: sessions moved {totals}")
     half = sum(totals) / 2
     for t in totals:
         assert abs(t - half) <= 0.10 * half, f"unfair split {totals}"
@@ -317,6 +319,7 @@ def test_set_rate_takes_effect_while_running(backend: relay.Backend) -> None:
         return slow, fast
 
     slow, fast = run(main())
+    print(f"set_rate 300000 -> 1500000 B/s: measured {slow:.0f} then {fast:.0f} B/s")
     assert abs(slow - 300_000) <= 0.05 * 300_000, slow
     assert abs(fast - 1_500_000) <= 0.05 * 1_500_000, fast
 
