@@ -227,15 +227,9 @@ impl Drop for Engine {
 mod tests {
     use super::*;
     use crate::bucket::Bucket;
+    use crate::testutil::tcp_pair;
     use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpListener, TcpStream};
-
-    fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
+    use std::net::{Shutdown, TcpStream};
 
     fn wait_done(h: &Handle) -> Outcome {
         for _ in 0..2000 {

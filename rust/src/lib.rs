@@ -11,6 +11,8 @@ pub mod engine;
 pub mod notify;
 pub mod pipe;
 pub mod session;
+#[cfg(test)]
+mod testutil;
 pub mod worker;
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};

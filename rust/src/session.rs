@@ -330,16 +330,9 @@ impl Session {
 mod tests {
     use super::*;
     use crate::bucket::Bucket;
+    use crate::testutil::{reset, tcp_pair};
     use std::io::{ErrorKind, Read, Write};
-    use std::net::{Shutdown as NetShutdown, TcpListener, TcpStream};
-
-    /// Two ends of one loopback TCP connection.
-    fn tcp_pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (b, _) = l.accept().unwrap();
-        (a, b)
-    }
+    use std::net::{Shutdown as NetShutdown, TcpStream};
 
     struct Rig {
         client: TcpStream,
@@ -502,17 +495,7 @@ mod tests {
             !got.is_empty()
         });
         // SO_LINGER 0: close sends RST.
-        let fd = r.server.as_fd();
-        nix::sys::socket::setsockopt(
-            &fd,
-            sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
-        drop(r.server);
+        reset(r.server);
         r.client.write_all(&[8u8; 100_000]).unwrap();
         assert_eq!(drive(&mut r.session, || false), Status::Finished);
         assert!(
@@ -528,17 +511,7 @@ mod tests {
     #[test]
     fn error_event_reports_so_error() {
         let mut r = rig(Chain::default(), Chain::default(), None);
-        let fd = r.server.as_fd();
-        nix::sys::socket::setsockopt(
-            &fd,
-            sockopt::Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
-        drop(r.server);
+        reset(r.server);
         std::thread::sleep(Duration::from_millis(20));
         r.session.ready(1, false, false, true);
         assert_eq!(r.session.run(Instant::now()), Status::Finished);
