@@ -174,6 +174,8 @@ class PyRelay:
                 deadline=None if idle is None else lambda: self._last + idle,
             )
         except TimeoutError:
+            if idle is None:
+                raise
             raise TimeoutError(f"relay idle for {idle:g} s") from None
         finally:
             a.close()

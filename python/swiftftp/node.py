@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import admin, aio, logs, relay
-from .config import Settings, reloadable_changes
+from .config import OPTIONS, Settings, reloadable_changes
 from .limits import Guard, Throttle
 from .net import close_gracefully, listen_in_range, listen_on, normalize_ip
 from .quota import QuotaBook
@@ -174,9 +174,8 @@ class ProxyNode:
         applied, ignored = reloadable_changes(self.settings, settings)
         if ignored:
             log.warning("reload: %s need a restart; kept as they were", ", ".join(ignored))
+        # in place: the guard, the throttle and every handler read this same object
         merged = self.settings
-        from .config import OPTIONS
-
         for option in OPTIONS:
             if option.reloadable:
                 setattr(merged, option.attr, getattr(settings, option.attr))
