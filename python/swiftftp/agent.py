@@ -31,7 +31,7 @@ from typing import Any
 from . import __version__, aio, relay
 from .channel import DeviceChannel
 from .errors import PeerClosed
-from .ftp import LineSplitter, split_command
+from .ftp import LineSplitter, parse_port_argument, split_command
 from .net import dial, listen_on, normalize_ip
 
 log = logging.getLogger("swiftftp.agent")
@@ -400,17 +400,3 @@ class ControlBridge:
         with contextlib.suppress(OSError, TimeoutError):
             await self.agent.backend.start(proxy_data, server_data, idle_timeout=1800)
 
-
-def parse_port_argument(verb: str, arg: bytes) -> tuple[str, int]:
-    """(address, port) of a ``PORT h1,h2,h3,h4,p1,p2`` or ``EPRT |af|addr|port|``."""
-    text = arg.decode("latin-1").strip()
-    if verb == "PORT":
-        parts = [int(x) for x in text.split(",")]
-        if len(parts) != 6 or not all(0 <= x <= 255 for x in parts):
-            raise ValueError(text)
-        return ".".join(map(str, parts[:4])), parts[4] * 256 + parts[5]
-    delim = text[:1]
-    fields = text.split(delim)
-    if len(fields) != 5 or fields[1] not in ("1", "2"):
-        raise ValueError(text)
-    return normalize_ip(fields[2]), int(fields[3])

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .net import normalize_ip
+
 #: Longest command line accepted before login (RFC 959 has no limit; paths can be long).
 MAX_LINE = 2048
 
@@ -210,3 +212,18 @@ class LineSplitter:
     def flush(self) -> bytes:
         rest, self._partial = self._partial, b""
         return rest
+
+
+def parse_port_argument(verb: str, arg: bytes) -> tuple[str, int]:
+    """(address, port) of a ``PORT h1,h2,h3,h4,p1,p2`` or ``EPRT |af|addr|port|``."""
+    text = arg.decode("latin-1").strip()
+    if verb == "PORT":
+        parts = [int(x) for x in text.split(",")]
+        if len(parts) != 6 or not all(0 <= x <= 255 for x in parts):
+            raise ValueError(text)
+        return ".".join(map(str, parts[:4])), parts[4] * 256 + parts[5]
+    delim = text[:1]
+    fields = text.split(delim)
+    if len(fields) != 5 or fields[1] not in ("1", "2"):
+        raise ValueError(text)
+    return normalize_ip(fields[2]), int(fields[3])

@@ -57,11 +57,12 @@ class Session:
         return up - self.accounted[0], down - self.accounted[1]
 
     def take_unaccounted(self) -> int:
-        up, down = self.counters()
+        """Bytes moved since the last call, marked as accounted."""
+        up, down = self.unaccounted()
         assert self.accounted is not None
-        delta = up - self.accounted[0] + down - self.accounted[1]
-        self.accounted[:] = [up, down]
-        return delta
+        self.accounted[0] += up
+        self.accounted[1] += down
+        return up + down
 
 
 class Device:

@@ -40,17 +40,22 @@ class Stats:
         self.refused[reason] += 1
 
 
+def relayed_bytes(node: ProxyNode) -> tuple[int, int]:
+    """(up, down) bytes relayed on control and data connections, finished and live."""
+    up, down = node.stats.closed_bytes
+    for session in list(node.sessions):
+        if session.kind != "command":
+            live_up, live_down = session.counters()
+            up += live_up
+            down += live_down
+    return up, down
+
+
 def snapshot(node: ProxyNode) -> dict[str, Any]:
     """Everything ``/stats`` serves."""
     stats = node.stats
-    live = [0, 0]
-    open_by_kind: Counter[str] = Counter()
-    for session in list(node.sessions):
-        open_by_kind[session.kind] += 1
-        if session.kind != "command":
-            up, down = session.counters()
-            live[0] += up
-            live[1] += down
+    open_by_kind = Counter(session.kind for session in list(node.sessions))
+    up, down = relayed_bytes(node)
     return {
         "version": __version__,
         "relay_backend": node.backend.name,
@@ -59,7 +64,7 @@ def snapshot(node: ProxyNode) -> dict[str, Any]:
         "sessions_open": {k: open_by_kind[k] for k in KINDS},
         "sessions_opened": {k: stats.opened[k] for k in KINDS},
         "sessions_refused": dict(stats.refused),
-        "bytes": {"up": stats.closed_bytes[0] + live[0], "down": stats.closed_bytes[1] + live[1]},
+        "bytes": {"up": up, "down": down},
         "throughput_bytes_per_second": {
             "up": round(stats.throughput[0]), "down": round(stats.throughput[1])
         },
@@ -115,16 +120,13 @@ class NodeCollector:
 
 async def sample_throughput(node: ProxyNode, interval: float = 1.0) -> None:
     """Keep ``stats.throughput`` at the relay rate of the last ``interval`` seconds."""
-    before = snapshot(node)["bytes"]
+    before = relayed_bytes(node)
     stamp = time.monotonic()
     while True:
         await asyncio.sleep(interval)
-        now_bytes = snapshot(node)["bytes"]
-        now = time.monotonic()
+        now_bytes, now = relayed_bytes(node), time.monotonic()
         dt = max(now - stamp, 1e-6)
-        node.stats.throughput = (
-            (now_bytes["up"] - before["up"]) / dt, (now_bytes["down"] - before["down"]) / dt
-        )
+        node.stats.throughput = ((now_bytes[0] - before[0]) / dt, (now_bytes[1] - before[1]) / dt)
         before, stamp = now_bytes, now
 
 

@@ -12,6 +12,7 @@ from swiftftp.ftp import (
     Lookup,
     PreLogin,
     Reply,
+    parse_port_argument,
     rewrite_pasv_reply,
     rewrite_port_command,
 )
@@ -81,3 +82,15 @@ def test_line_splitter_loses_nothing(data: bytes, cuts: list[int]) -> None:
     pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
     out = b"".join(s.feed(p) for p in pieces) + s.flush()
     assert out == data
+
+
+def test_parse_port_argument() -> None:
+    assert parse_port_argument("PORT", b"127,0,0,1,4,1") == ("127.0.0.1", 1025)
+    assert parse_port_argument("EPRT", b"|1|10.0.0.5|5282|") == ("10.0.0.5", 5282)
+    assert parse_port_argument("EPRT", b"|2|::ffff:1.2.3.4|5282|") == ("1.2.3.4", 5282)
+    for verb, bad in (("PORT", b"1,2,3"), ("PORT", b"1,2,3,4,5,300"), ("EPRT", b"|3|x|1|"), ("EPRT", b"")):
+        try:
+            parse_port_argument(verb, bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{verb} {bad!r} accepted")
