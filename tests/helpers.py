@@ -44,6 +44,51 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_targets() -> dict[int, str]:
+    """This process's open file descriptors and what each points at."""
+    targets = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            targets[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:  # the listing's own fd, or one closed meanwhile
+            pass
+    return targets
+
+
+def _tcp_endpoints() -> dict[str, str]:
+    """socket inode -> 'local -> remote state' for this process's TCP sockets (IPv4)."""
+    states = {"01": "ESTABLISHED", "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "0A": "LISTEN"}
+    found = {}
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            found[inode] = f"{_addr(local)} -> {_addr(remote)} {states.get(state, state)}"
+    return found
+
+
+def _addr(hex_endpoint: str) -> str:
+    ip, port = hex_endpoint.split(":")
+    return f"{socket.inet_ntoa(bytes.fromhex(ip)[::-1])}:{int(port, 16)}"
+
+
+def wait_for_fds(baseline: dict[int, str], timeout: float = 10) -> None:
+    """Wait until no more fds are open than in ``baseline``; on failure name the extra ones."""
+    deadline = time.monotonic() + timeout
+    while len(now := fd_targets()) > len(baseline):
+        if time.monotonic() > deadline:
+            endpoints = _tcp_endpoints()
+            extra = []
+            for fd, target in sorted(now.items()):
+                if baseline.get(fd) != target:
+                    inode = target.removeprefix("socket:[").removesuffix("]")
+                    extra.append(f"{fd}: {target} {endpoints.get(inode, '')}".rstrip())
+            raise AssertionError(
+                f"{len(now)} fds open, {len(baseline)} at the baseline; new or changed: {extra}"
+            )
+        time.sleep(0.01)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
     """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

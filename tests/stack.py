@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +91,22 @@ class ProxyThread(LoopThread):
 
     def tasks(self) -> int:
         return self.run(lambda node: node.tasks)
+
+    def quiet_tasks(self, timeout: float = 10) -> int:
+        """The node's task count once no FTP client is connected and no control or data
+        session or passive listener is open: a baseline without a previous client still closing."""
+
+        def quiet(node: ProxyNode) -> bool:
+            clients = [t for t in node._tasks if t.get_name().startswith("ftp")]
+            relayed = [s for s in node.sessions if s.kind != "command"]
+            return not clients and not relayed and not node.pending_listeners
+
+        deadline = time.monotonic() + timeout
+        while not self.run(quiet):
+            if time.monotonic() > deadline:
+                raise AssertionError("the node did not become quiet")
+            time.sleep(0.01)
+        return self.tasks()
 
     def close(self) -> None:
         self.call(self.node.close())

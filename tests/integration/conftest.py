@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BACKENDS
-from tests.helpers import open_fds, wait_until
+from tests.helpers import fd_targets, wait_for_fds
 from tests.stack import AgentThread, FtpServerThread, ProxyThread, node_settings
 
 SIZES = {"empty.bin": 0, "one-mib.bin": 1 << 20, "big.bin": 64 << 20}
@@ -50,10 +50,15 @@ class Stack:
     def port(self) -> int:
         return self.proxy.ftp_port
 
-    def settle(self, tasks: int, fds: int) -> None:
-        """Wait until the node is back to ``tasks`` tasks and the process to ``fds`` fds."""
-        wait_until(lambda: self.proxy.tasks() == tasks, 10, "proxy tasks to settle")
-        wait_until(lambda: open_fds() <= fds, 10, "file descriptors to be closed")
+    def baseline(self) -> tuple[int, dict[int, str]]:
+        """The node's tasks once quiet, and the process's open fds: what a test returns to."""
+        return self.proxy.quiet_tasks(), fd_targets()
+
+    def settle(self, baseline: tuple[int, dict[int, str]]) -> None:
+        """Wait until the node and the process are back to ``baseline``."""
+        tasks, fds = baseline
+        assert self.proxy.quiet_tasks() == tasks
+        wait_for_fds(fds)
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import open_fds
 from tests.integration.conftest import SIZES, Files, Stack
 from tests.stack import FTP_PASSWORD, FTP_USER
 
@@ -76,11 +75,11 @@ CLIENTS = {"ftplib": run_ftplib, "curl": run_curl, "lftp": run_lftp}
 @pytest.mark.parametrize("client", list(CLIENTS))
 def test_client_transfers(stack: Stack, files: Files, client: str, mode: str,
                           tmp_path: Path) -> None:
-    tasks, fds = stack.proxy.tasks(), open_fds()
+    baseline = stack.baseline()
     upname = f"up-{client}-{mode}.bin"
     listing = CLIENTS[client](stack, mode == "passive", tmp_path, files.upload, upname)
     for name in SIZES:
         assert name in listing
         assert digest(tmp_path / name) == digest(stack.root / name), f"RETR {name}"
     assert digest(stack.root / upname) == digest(files.upload), "STOR"
-    stack.settle(tasks, fds)
+    stack.settle(baseline)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fielddevice import FieldDevice, read_one, write_one
-from tests.helpers import open_fds, recv_all, wait_until
+from tests.helpers import fd_targets, recv_all, wait_for_fds, wait_until
 from tests.stack import ProxyThread, node_settings
 
 
@@ -174,8 +174,9 @@ def test_prefix_is_stable_across_restarts(backend_name: str, tmp_path: Path) -> 
 
 def test_no_leaks_after_transfers(proxy: ProxyThread, device: FieldDevice) -> None:
     test_retr_and_stor_both_ways(proxy, device, "passive")  # warm up
-    tasks, fds = proxy.tasks(), open_fds()
+    tasks = proxy.quiet_tasks()
+    fds = fd_targets()
     for mode in ("passive", "active", "passive"):
         test_retr_and_stor_both_ways(proxy, device, mode)
-    wait_until(lambda: proxy.tasks() == tasks, 10, "tasks back to baseline")
-    wait_until(lambda: open_fds() == fds, 10, "fds back to baseline")
+    assert proxy.quiet_tasks() == tasks
+    wait_for_fds(fds)
