@@ -45,6 +45,8 @@ class FieldDevice:
     notices: list[dict] = field(default_factory=list)
     #: replies the proxy gave on data connections (data_pasv_listen, _accept, _port_connect)
     data_replies: list[dict] = field(default_factory=list)
+    #: FTP verbs received on proxied control connections, in order
+    commands: list[str] = field(default_factory=list)
     #: name → (time of the first chunk, time of the last, bytes after the first chunk)
     upload_times: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
@@ -143,6 +145,7 @@ class FtpSession:
             for line in self.lines():
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
+                self.device.commands.append(verb)
                 handler = getattr(self, f"ftp_{verb}", None)
                 if handler is None:
                     self.reply("502 Command not implemented.")

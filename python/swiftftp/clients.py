@@ -18,13 +18,12 @@ from .ftp import (
     GREETING,
     MAX_LINE,
     Close,
+    ControlRewriter,
     Failure,
     LineSplitter,
     Lookup,
     PreLogin,
     Reply,
-    rewrite_pasv_reply,
-    rewrite_port_command,
 )
 from .net import accept_first, normalize_ip
 from .node import Busy
@@ -179,7 +178,7 @@ async def control_relay(
     first: bytes,
     peer: str,
 ) -> None:
-    """Relay the control connection, rewriting 227 replies and PORT/EPRT commands.
+    """Relay the control connection, rewriting it on the way (:class:`ControlRewriter`).
 
     Bytes are counted on the client's side: what it sent, and what it was
     sent after rewriting.
@@ -191,8 +190,9 @@ async def control_relay(
     public = node.public_address_for(client)
     counts = conn.counts
     last = [time.monotonic()]
-    to_device = LineSplitter(lambda line: rewrite_port_command(line, client_ip))
-    to_client = LineSplitter(lambda line: rewrite_pasv_reply(line, public))
+    rewriter = ControlRewriter(client_ip, public)
+    to_device = LineSplitter(rewriter.command)
+    to_client = LineSplitter(rewriter.reply)
 
     async def upstream() -> None:
         while data := await aio.recv(client, 65536):

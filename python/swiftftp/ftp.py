@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -180,6 +181,96 @@ def rewrite_port_command(line: bytes, peer_address: str) -> bytes:
         d = m[2]
         return m[1] + d + family + d + str(ip).encode() + d + m[5] + d + m[6] + ending
     return line
+
+
+_REPLY = re.compile(rb"^(\d{3})([ -]?)")
+
+
+class ControlRewriter:
+    """Everything the proxy changes on a relayed control connection, line by line.
+
+    - A client's ``PORT``/``EPRT`` address becomes its own (RFC 2577).
+    - A device's ``227`` address becomes the node's public one.
+    - ``EPSV`` (RFC 2428) reaches the device as ``PASV`` and its ``227`` goes back
+      as ``229 (|||port|)``: the field device answers 502 to ``EPSV`` (PROTOCOL.md),
+      and the port is the proxy's in either form.  So clients that insist on ``EPSV``
+      (IPv6 clients, ``EPSV ALL``) get passive mode too, and curl saves a round trip.
+      ``EPSV ALL`` reaches the device as ``NOOP``, whose ``200`` is answered for it.
+    - ``EPRT |1|…`` becomes ``PORT`` for the same reason.  An IPv6 client's ``EPRT``
+      is passed on as it is: ``PORT`` has no IPv6 form.
+
+    Replies are matched to commands in order, one final (non-1xx) reply each
+    (RFC 959, 4.2), so pipelined commands are translated correctly.
+    """
+
+    def __init__(self, client_ip: str, public_address: str) -> None:
+        self._client_ip = client_ip
+        self._public = public_address
+        self._pending: deque[str] = deque()  # per command sent on: what its reply becomes
+        self._multiline: bytes | None = None  # code of the multi-line reply being passed on
+
+    def command(self, line: bytes) -> bytes:
+        """A line from the client, as the device gets it."""
+        if not line.endswith(b"\n"):
+            return line  # a fragment of an over-long line: passed on as it is
+        verb, arg = split_command(line)
+        ending = b"\r\n"
+        expect = ""
+        if verb == "EPSV":
+            if arg.strip().upper() == b"ALL":
+                line, expect = b"NOOP" + ending, "EPSV ALL"
+            elif arg.strip() in (b"", b"1", b"2"):
+                line, expect = b"PASV" + ending, "EPSV"
+        elif verb in ("PORT", "EPRT"):
+            line = rewrite_port_command(line, self._client_ip)
+            if verb == "EPRT" and (port := _eprt_as_port(line)):
+                line = port + ending
+        self._pending.append(expect)
+        return line
+
+    def reply(self, line: bytes) -> bytes:
+        """A line from the device, as the client gets it."""
+        m = _REPLY.match(line)
+        if self._multiline is not None:
+            if m and m[1] == self._multiline and m[2] == b" ":
+                self._multiline = None
+                self._final()
+            return line
+        if not m:
+            return line
+        if m[2] == b"-":
+            self._multiline = m[1]
+            return line
+        if line.startswith(b"1"):
+            return line  # preliminary: the command's final reply is still to come
+        expect = self._final()
+        if expect == "EPSV" and m[1] == b"227" and (port := _pasv_port(line)) is not None:
+            return b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port
+        if expect == "EPSV ALL" and line.startswith(b"2"):
+            return b"200 EPSV ALL command successful.\r\n"
+        return rewrite_pasv_reply(line, self._public)
+
+    def _final(self) -> str:
+        return self._pending.popleft() if self._pending else ""
+
+
+def _pasv_port(line: bytes) -> int | None:
+    m = _227.match(line)
+    if not m:
+        return None
+    p1, p2 = (int(x) for x in m[3].replace(b" ", b"").split(b",")[1:])
+    return p1 * 256 + p2 if p1 < 256 and p2 < 256 else None
+
+
+def _eprt_as_port(line: bytes) -> bytes | None:
+    """``PORT h1,…,p2`` for an IPv4 ``EPRT`` line (already rewritten), else None."""
+    try:
+        address, port = parse_port_argument("EPRT", split_command(line)[1])
+    except ValueError:
+        return None
+    if ":" in address or not 0 < port < 65536:
+        return None
+    return b"PORT %s,%d,%d" % (address.replace(".", ",").encode(), port >> 8, port & 255)
 
 
 class LineSplitter:

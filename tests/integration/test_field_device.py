@@ -76,13 +76,91 @@ def test_pasv_reply_names_the_proxy_not_the_phone(proxy: ProxyThread, device: Fi
     ftp.close()
 
 
-def test_curl_falls_back_from_epsv(proxy: ProxyThread, device: FieldDevice, tmp_path: Path) -> None:
-    out = tmp_path / "photo.jpg"
-    url = f"ftp://{device.prefix}_alice:pw@127.0.0.1:{proxy.ftp_port}/photo.jpg"
-    done = subprocess.run(["curl", "-sS", "--max-time", "30", "-o", str(out), url],
+def curl(*args: str) -> None:
+    done = subprocess.run(["curl", "-sS", "--max-time", "30", *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert sha(out.read_bytes()) == sha(device.files["photo.jpg"])
+
+
+@pytest.mark.parametrize("mode", ["passive", "active"])
+def test_curl_epsv_and_eprt_reach_the_device_as_pasv_and_port(
+    proxy: ProxyThread, device: FieldDevice, tmp_path: Path, mode: str
+) -> None:
+    """curl tries EPSV (or EPRT) first; the device only knows PASV and PORT, so the
+    proxy translates and curl never sees the device's 502."""
+    url = f"ftp://{device.prefix}_alice:pw@127.0.0.1:{proxy.ftp_port}/"
+    args = ["--ftp-port", "127.0.0.1"] if mode == "active" else []
+    upload = tmp_path / "up.bin"
+    upload.write_bytes(os.urandom(2 << 20))
+    curl(*args, "-o", str(tmp_path / "photo.jpg"), url + "photo.jpg")
+    curl(*args, "-T", str(upload), url + "up.bin")
+    assert sha((tmp_path / "photo.jpg").read_bytes()) == sha(device.files["photo.jpg"])
+    assert sha(device.files["up.bin"]) == sha(upload.read_bytes())
+    expected = "PASV" if mode == "passive" else "PORT"
+    assert device.commands.count(expected) == 2
+    assert "EPSV" not in device.commands and "EPRT" not in device.commands
+
+
+def test_epsv_all(proxy: ProxyThread, device: FieldDevice) -> None:
+    ftp = login(proxy, device)
+    assert ftp.sendcmd("EPSV ALL").startswith("200 EPSV ALL")
+    host, port = ftplib.parse229(ftp.sendcmd("EPSV"), ftp.sock.getpeername())
+    with socket.create_connection((host, port), timeout=10) as data:
+        assert ftp.sendcmd("RETR photo.jpg").startswith("150")
+        got = recv_all(data)
+    assert ftp.getresp().startswith("226")
+    assert sha(got) == sha(device.files["photo.jpg"])
+    ftp.quit()
+    assert device.commands[-4:] == ["NOOP", "PASV", "RETR", "QUIT"]
+
+
+@pytest.fixture
+def proxy6(backend_name: str, tmp_path: Path) -> Iterator[ProxyThread]:
+    """A node listening on every address, IPv6 and IPv4 alike ("::")."""
+    node = ProxyThread(node_settings(tmp_path / "state", relay_backend=backend_name, listen="::"))
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def test_ipv6_clients_get_passive_mode(proxy6: ProxyThread, tmp_path: Path) -> None:
+    """An IPv6 client cannot use PASV (227 has no IPv6 form) and the field device does
+    not do EPSV: the proxy's translation is what makes passive mode work for it."""
+    device = FieldDevice(proxy6.device_port, files={"photo.jpg": os.urandom(3 << 20)}).start()
+    try:
+        ftp = ftplib.FTP()
+        ftp.connect("::1", proxy6.ftp_port, timeout=20)
+        ftp.login(f"{device.prefix}_alice", "pw")
+        got = io.BytesIO()
+        ftp.retrbinary("RETR photo.jpg", got.write)  # ftplib sends EPSV on IPv6
+        upload = os.urandom(5 << 20)
+        ftp.storbinary("STOR v6.bin", io.BytesIO(upload))
+        assert sha(got.getvalue()) == sha(device.files["photo.jpg"])
+        assert sha(device.files["v6.bin"]) == sha(upload)
+        # active mode needs EPRT with an IPv6 address, which PORT cannot carry: the
+        # device's own 502 comes back, a clear answer rather than a hang
+        ftp.set_pasv(False)
+        with pytest.raises(ftplib.error_perm, match=r"^502"):
+            ftp.retrbinary("RETR photo.jpg", got.write)
+        ftp.quit()
+
+        url = f"ftp://{device.prefix}_alice:pw@[::1]:{proxy6.ftp_port}/"
+        curl("-g", "-o", str(tmp_path / "curl.jpg"), url + "photo.jpg")
+        assert sha((tmp_path / "curl.jpg").read_bytes()) == sha(device.files["photo.jpg"])
+        script = (
+            "set net:max-retries 1; set net:timeout 20; set xfer:clobber on; "
+            f"open -u {device.prefix}_alice,pw -p {proxy6.ftp_port} ::1; "
+            f"get photo.jpg -o {tmp_path / 'lftp.jpg'}; put {tmp_path / 'curl.jpg'} -o lftp.bin; bye"
+        )
+        done = subprocess.run(["lftp", "-c", script], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert sha((tmp_path / "lftp.jpg").read_bytes()) == sha(device.files["photo.jpg"])
+        assert sha(device.files["lftp.bin"]) == sha(device.files["photo.jpg"])
+        assert "EPSV" not in device.commands and device.commands.count("PASV") >= 4
+    finally:
+        device.stop()
+    assert not device.errors, device.errors
 
 
 def test_upload_bytes_sent_at_once_are_not_lost(proxy: ProxyThread, device: FieldDevice) -> None:

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from swiftftp.ftp import (
     Close,
+    ControlRewriter,
     Failure,
     LineSplitter,
     Lookup,
@@ -94,3 +95,60 @@ def test_parse_port_argument() -> None:
         except ValueError:
             continue
         raise AssertionError(f"{verb} {bad!r} accepted")
+
+
+def test_epsv_reaches_the_device_as_pasv_and_comes_back_as_229() -> None:
+    r = ControlRewriter("198.51.100.7", "203.0.113.1")
+    assert r.command(b"EPSV\r\n") == b"PASV\r\n"
+    assert r.reply(b"227 Entering Passive Mode (10,0,0,2,156,64).\r\n") == (
+        b"229 Entering Extended Passive Mode (|||40000|)\r\n"
+    )
+    assert r.command(b"epsv 2\r\n") == b"PASV\r\n"
+    assert r.reply(b"425 Cannot open data connection.\r\n") == b"425 Cannot open data connection.\r\n"
+    assert r.command(b"PASV\r\n") == b"PASV\r\n"  # a plain PASV keeps its 227, our address in it
+    assert r.reply(b"227 Entering Passive Mode (10,0,0,2,156,64).\r\n") == (
+        b"227 Entering Passive Mode (203,0,113,1,156,64).\r\n"
+    )
+
+
+def test_epsv_all_is_answered_through_a_noop() -> None:
+    r = ControlRewriter("198.51.100.7", "203.0.113.1")
+    assert r.command(b"EPSV ALL\r\n") == b"NOOP\r\n"
+    assert r.reply(b"200 NOOP ok.\r\n") == b"200 EPSV ALL command successful.\r\n"
+
+
+def test_eprt_becomes_port_for_ipv4_clients_only() -> None:
+    v4 = ControlRewriter("198.51.100.7", "203.0.113.1")
+    assert v4.command(b"EPRT |1|192.0.2.9|50000|\r\n") == b"PORT 198,51,100,7,195,80\r\n"
+    assert v4.command(b"EPRT |2|2001:db8::9|50000|\r\n") == b"PORT 198,51,100,7,195,80\r\n"
+    v6 = ControlRewriter("2001:db8::7", "2001:db8::1")
+    assert v6.command(b"EPRT |2|2001:db8::9|50000|\r\n") == b"EPRT |2|2001:db8::7|50000|\r\n"
+
+
+# What a device that only knows PASV answers to each command, as reply lines.
+DEVICE_ANSWERS = {
+    b"NOOP": [b"200 NOOP ok.\r\n"],
+    b"FEAT": [b"211-Features:\r\n", b" SIZE\r\n", b" 227 is not a reply here\r\n", b"211 End\r\n"],
+    b"RETR": [b"150 Opening data connection.\r\n", b"226 Transfer complete.\r\n"],
+    b"PASV": [b"227 Entering Passive Mode (10,0,0,2,4,1).\r\n"],
+    b"SIZE": [b"550 No such file.\r\n"],
+}
+
+
+@given(st.lists(st.sampled_from([b"NOOP", b"FEAT", b"RETR", b"PASV", b"EPSV", b"SIZE"]), max_size=30))
+def test_pipelined_commands_get_their_own_translation(commands: list[bytes]) -> None:
+    """All commands sent at once, all replies after: each EPSV still gets a 229, each
+    PASV a 227, whatever multi-line and preliminary replies come in between."""
+    r = ControlRewriter("198.51.100.7", "203.0.113.1")
+    sent = [r.command(c + b"\r\n").rstrip() for c in commands]
+    assert b"EPSV" not in sent
+    replies = [r.reply(line) for c in sent for line in DEVICE_ANSWERS[c]]
+    finals = [line for line in replies if line[:3].isdigit() and line[3:4] == b" " and line[:1] != b"1"]
+    assert len(finals) == len(commands)
+    for command, final in zip(commands, finals, strict=True):
+        if command == b"EPSV":
+            assert final == b"229 Entering Extended Passive Mode (|||1025|)\r\n"
+        elif command == b"PASV":
+            assert final == b"227 Entering Passive Mode (203,0,113,1,4,1).\r\n"
+        else:
+            assert not final.startswith((b"227", b"229"))
