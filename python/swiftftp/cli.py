@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import sys
 import time
@@ -72,9 +73,20 @@ async def _until_signalled(main: asyncio.Future, on_hup: Any = None) -> None:
             loop.remove_signal_handler(sig)
 
 
+def _raise_fd_limit() -> None:
+    """Every session holds 2 to 4 descriptors: use all the system allows, not the
+    1024 a login shell usually starts with."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.info("file descriptor limit %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .node import ProxyNode
 
+    _raise_fd_limit()
     node = ProxyNode(settings)
     try:
         await node.start()

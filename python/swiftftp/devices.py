@@ -73,11 +73,18 @@ async def handle_device(node: ProxyNode, sock: socket.socket) -> None:
     """One connection on the device port, from login to close."""
     chan = DeviceChannel(sock, grace=node.settings.device_grace)
     peer = "{}:{}".format(*chan.peer)
+    ip = normalize_ip(chan.peer[0])
     try:
-        async with asyncio.timeout(node.settings.device_login_timeout):
-            android_id, prefix = await login(node, chan)
-            request = await chan.recv()
-            action = action_of(request)
+        if not node.guard.admit_login(ip):
+            node.refuse("too many pending device logins", peer)
+            raise ProtocolError(ErrorCode.INTERNAL, "too many connections from this address")
+        try:
+            async with asyncio.timeout(node.settings.device_login_timeout):
+                android_id, prefix = await login(node, chan)
+                request = await chan.recv()
+                action = action_of(request)
+        finally:
+            node.guard.login_done(ip)
         device = node.device(android_id, prefix)
         try:
             if action == "start_command_session":

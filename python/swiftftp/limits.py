@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class Guard:
-    """Per client IP: open FTP connections, and failed logins within a window.
+    """Per IP: open FTP connections, device connections not logged in yet, and failed
+    logins within a window.
 
     ``guess_max_failures`` failures within ``guess_window`` seconds lock the
     IP out for ``guess_lockout`` seconds: prefix guessing then costs a new
@@ -25,6 +26,7 @@ class Guard:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.connections: Counter[str] = Counter()
+        self.logins: Counter[str] = Counter()
         self._failures: dict[str, deque[float]] = {}
         self._locked_until: dict[str, float] = {}
 
@@ -41,6 +43,19 @@ class Guard:
         self.connections[ip] -= 1
         if self.connections[ip] <= 0:
             del self.connections[ip]
+
+    def admit_login(self, ip: str) -> bool:
+        """Count a device connection from ``ip`` that is yet to log in; False past the cap
+        (silent connections held open must not use up the node's descriptors)."""
+        if self.logins[ip] >= self.settings.max_pending_logins_per_ip:
+            return False
+        self.logins[ip] += 1
+        return True
+
+    def login_done(self, ip: str) -> None:
+        self.logins[ip] -= 1
+        if self.logins[ip] <= 0:
+            del self.logins[ip]
 
     def locked(self, ip: str) -> bool:
         until = self._locked_until.get(ip)

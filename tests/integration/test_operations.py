@@ -327,6 +327,28 @@ def test_max_connections_per_ip(make_proxy) -> None:
         s.close()
 
 
+def test_max_pending_device_logins_per_ip(make_proxy) -> None:
+    """Silent connections to the device port are bounded per address, so they cannot
+    use up the node's descriptors; devices elsewhere, and later, still log in."""
+    proxy = make_proxy(max_pending_logins_per_ip=2, device_login_timeout=30)
+    silent = [socket.create_connection(("127.0.0.1", proxy.device_port), timeout=10) for _ in range(2)]
+    wait_until(lambda: proxy.run(lambda n: n.guard.logins["127.0.0.1"]) == 2, 5, "both counted")
+    third = socket.create_connection(("127.0.0.1", proxy.device_port), timeout=10)
+    reply = read_one(third)
+    assert reply["error_code"] == 0 and "too many connections" in reply["error_string"]
+    assert third.recv(100) == b""  # and closed
+    assert proxy.run(lambda n: n.stats.refused["too many pending device logins"]) == 1
+    other = FieldDevice(proxy.device_port, android_id="other-address")
+    with socket.create_connection(("127.0.0.1", proxy.device_port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as sock:
+        write_one(sock, {"action": "login", "android_id": other.android_id, "swiftp_version": "2"})
+        assert read_one(sock) == {}
+    for sock in [*silent, third]:
+        sock.close()
+    wait_until(lambda: proxy.run(lambda n: not n.guard.logins), 5, "the slots freed")
+    FieldDevice(proxy.device_port, android_id="back-again").connect().close()
+
+
 def test_prefix_guessing_locks_the_address_out(make_proxy) -> None:
     proxy = make_proxy(guess_max_failures=4, max_login_failures=3, guess_lockout=60)
     answers = []
