@@ -32,7 +32,7 @@ from . import __version__, aio, relay
 from .channel import DeviceChannel
 from .errors import PeerClosed
 from .ftp import LineSplitter, parse_port_argument, split_command
-from .net import dial, listen_on, normalize_ip
+from .net import bracketed, dial, listen_on, normalize_ip
 
 log = logging.getLogger("swiftftp.agent")
 
@@ -148,11 +148,10 @@ class Agent:
             self.proxy_ip = normalize_ip(chan.peer[0])
             await chan.send({"action": "start_command_session"})
             self.prefix = (await self._reply(chan))["prefix"]
-            host = self.proxy_host if ":" not in self.proxy_host else f"[{self.proxy_host}]"
             user = f"{self.prefix}_{self.settings.user}"
             if self.settings.user == "anonymous":
                 user += ":"  # an empty password given, so lftp does not stop to ask for one
-            self.on_ready(f"ftp://{user}@{host}:{self.settings.client_port}/")
+            self.on_ready(f"ftp://{user}@{bracketed(self.proxy_host)}:{self.settings.client_port}/")
             # both end by raising: the proxy fell silent, closed, or asked us to move
             await aio.run_all(self._listen(chan), self._keepalive(chan))
         finally:

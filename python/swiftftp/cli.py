@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__, logs
 from .config import Settings, describe, load_settings, parse_bytes, parse_host_port
 from .errors import ConfigError
+from .net import bracketed
 
 log = logging.getLogger("swiftftp")
 
@@ -93,9 +94,11 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as exc:
         node.registry.close()
         return _fail(f"cannot listen: {exc}", 1)
-    stats = f", stats http://{node.stats_address[0]}:{node.stats_address[1]}" if node.stats_address else ""
+    stats = ""
+    if node.stats_address:
+        stats = f", stats http://{bracketed(node.stats_address[0])}:{node.stats_address[1]}"
     print(
-        f"swiftftp-proxy {__version__} listening on {settings.listen}: "
+        f"swiftftp-proxy {__version__} listening on {bracketed(settings.listen)}: "
         f"FTP clients port {node.ftp_port}, devices port {node.device_port}, "
         f"relay {node.backend.name}{stats}",
         flush=True,
@@ -180,7 +183,7 @@ def _stats(args: argparse.Namespace) -> int:
         return _fail("stats are off in this configuration (node.stats_listen)")
     host, port = settings.stats_listen
     host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/stats"
+    url = f"http://{bracketed(host)}:{port}/stats"
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             body = response.read()

@@ -26,6 +26,11 @@ def family_of(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
+def bracketed(host: str) -> str:
+    """``host`` as it is written before ``:port``: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def listen_on(host: str, port: int, backlog: int = 128) -> socket.socket:
     """A non-blocking listening TCP socket (dual-stack when ``host`` is ``::``)."""
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import admin, aio, logs, relay
 from .config import OPTIONS, Settings, reloadable_changes
 from .limits import Guard, Throttle
-from .net import close_gracefully, listen_in_range, listen_on, normalize_ip
+from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip
 from .quota import QuotaBook
 from .registry import Registry
 from .stats import Stats, sample_throughput, serve_http
@@ -151,7 +151,7 @@ class ProxyNode:
         self.spawn(sample_throughput(self), "throughput")
         log.info(
             "listening on %s: FTP clients on port %d, devices on port %d, relay backend %s",
-            s.listen, self.ftp_port, self.device_port, self.backend.name,
+            bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
         )
 
     async def close(self) -> None:
