@@ -131,14 +131,18 @@ def _start_relay(
     kind: str, target: int, tools: dict[str, str], tmp: Path
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
+    env = dict(os.environ)
     if kind == "haproxy":
         cfg = tmp / "haproxy.cfg"
         cfg.write_text(HAPROXY_CFG.format(port=port, target=target))
         cmd = [tools["haproxy"], "-db", "-f", str(cfg)]
     else:
-        cmd = [sys.executable, str(HERE / "relay_server.py"), "--backend", kind]
+        backend, _, workers = kind.partition("-")  # "rust-1worker": one worker thread
+        if workers:
+            env["SWIFTFTP_RELAY_WORKERS"] = workers.removesuffix("worker")
+        cmd = [sys.executable, str(HERE / "relay_server.py"), "--backend", backend]
         cmd += ["--target", str(target), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _wait_listening(port, proc, kind)
     return proc, port
 

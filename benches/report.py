@@ -4,7 +4,8 @@
 
 One line per benchmark (Gbit/s as iperf3's receiver measured it, the relay
 process's CPU seconds per GiB), then for the one-session and the 8-session
-cases the ratios rust/direct, rust/haproxy and rust/python.
+cases the ratios rust/direct, rust/haproxy and rust/python (and, for the
+8-session case, rust with one worker against haproxy's one thread).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def report(data: dict[str, Any]) -> list[str]:
         cpu_text = f"{cpu:.3f} CPU s/GiB" if cpu is not None else "(no relay)"
         rounds = ", ".join(f"{g:.1f}" for g in info.get("gbit_s_rounds", []))
         lines.append(
-            f"{bench['name']:<36} {info['gbit_s']:6.2f} Gbit/s  {cpu_text:<18}"
+            f"{bench['name']:<40} {info['gbit_s']:6.2f} Gbit/s  {cpu_text:<18}"
             f" sessions={info.get('sessions')} rounds=[{rounds}]"
         )
     for group, kinds in groups.items():
@@ -45,8 +46,15 @@ def report(data: dict[str, Any]) -> list[str]:
             f"rust/{other} {_ratio(r_gbit, kinds.get(other, {}).get('gbit_s'))}"
             for other in ("direct", "haproxy", "python")
         ]
-        cpu = _ratio(r_cpu, kinds.get("haproxy", {}).get("cpu_s_per_gib"))
+        haproxy = kinds.get("haproxy", {})
+        cpu = _ratio(r_cpu, haproxy.get("cpu_s_per_gib"))
         lines.append(f"{group}: " + ", ".join(parts) + f"; CPU/GiB rust/haproxy {cpu}")
+        if one := kinds.get("rust-1worker"):
+            lines.append(
+                f"{group}, rust with 1 worker (haproxy has 1 thread): "
+                f"rust/haproxy {_ratio(one['gbit_s'], haproxy.get('gbit_s'))}; "
+                f"CPU/GiB rust/haproxy {_ratio(one.get('cpu_s_per_gib'), haproxy.get('cpu_s_per_gib'))}"
+            )
     if machine:
         lines.append(f"machine: {machine}")
     return lines
