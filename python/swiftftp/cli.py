@@ -59,12 +59,12 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-async def _until_signalled(main: asyncio.Future, on_hup: Any = None) -> None:
-    """Run until ``main`` ends or SIGINT/SIGTERM arrives; SIGHUP calls ``on_hup``."""
+async def _until_signalled(main: asyncio.Future, on_hup: Any = None) -> int | None:
+    """Run until ``main`` ends or SIGINT/SIGTERM arrives (returned); SIGHUP calls ``on_hup``."""
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[int] = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, lambda sig=sig: stop.done() or stop.set_result(sig))
     if on_hup:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
@@ -72,6 +72,7 @@ async def _until_signalled(main: asyncio.Future, on_hup: Any = None) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+    return stop.result() if stop.done() else None
 
 
 def _raise_fd_limit() -> None:
@@ -112,7 +113,12 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     forever = asyncio.ensure_future(asyncio.Event().wait())
     try:
-        await _until_signalled(forever, on_hup=reload)
+        if await _until_signalled(forever, on_hup=reload) == signal.SIGTERM and settings.drain_timeout:
+            # SIGTERM (systemd's stop) lets running transfers finish; SIGINT stops at once
+            drain = asyncio.ensure_future(node.drain(settings.drain_timeout))
+            if await _until_signalled(drain) is not None:
+                log.warning("stopping now, without waiting for the drain")
+            drain.cancel()
     finally:
         forever.cancel()
         await node.close()

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("swiftftp.clients")
 
+SHUTTING_DOWN = "421 This node is shutting down; try again in a moment."
+
 
 class ClientConnection:
     """An FTP client's control socket: line reads before login, and byte counts
@@ -72,11 +74,13 @@ async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
     ip = normalize_ip(peer_ip)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    refusal = node.guard.admit(ip)
+    refusal = "shutting down" if node.draining else node.guard.admit(ip)
     if refusal:
         node.refuse(refusal, peer)
-        text = ("421 Too many failed logins from your address; try again later."
-                if refusal == "locked out" else "421 Too many connections from your address.")
+        text = {
+            "locked out": "421 Too many failed logins from your address; try again later.",
+            "shutting down": SHUTTING_DOWN,
+        }.get(refusal, "421 Too many connections from your address.")
         with contextlib.suppress(OSError):
             await aio.sendall(sock, text.encode() + b"\r\n")
         return
@@ -84,6 +88,7 @@ async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
         await _serve_client(node, ClientConnection(sock), peer, ip)
     finally:
         node.guard.release(ip)
+        node.left()
 
 
 async def _serve_client(node: ProxyNode, client: ClientConnection, peer: str, ip: str) -> None:
@@ -95,6 +100,9 @@ async def _serve_client(node: ProxyNode, client: ClientConnection, peer: str, ip
                 events = dialogue.on_line(await client.readline())
                 lookup = next((e for e in events if isinstance(e, Lookup)), None)
                 if lookup:
+                    if node.draining:
+                        await _act(client, peer, [Reply(SHUTTING_DOWN), Close("node draining")])
+                        return
                     device = node.online(lookup.prefix)
                     if device is not None:
                         deadline.reschedule(None)

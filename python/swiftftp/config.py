@@ -60,6 +60,8 @@ class Settings:
     #: How long a passive listener waits for a client and for data_pasv_accept at all.
     pasv_listen_timeout: float = 120.0
     connect_timeout: float = 10.0
+    #: On SIGTERM, how long FTP clients and transfers already running may take to finish.
+    drain_timeout: float = 30.0
     #: Pause after a device's TCP acknowledged a message before raw bytes may follow.
     device_grace: float = 0.03
 
@@ -240,6 +242,7 @@ def _options() -> list[Option]:
         ("idle", "idle_timeout"), ("keepalive", "keepalive_interval"),
         ("rendezvous", "rendezvous_timeout"), ("pasv_accept", "pasv_accept_timeout"),
         ("pasv_listen", "pasv_listen_timeout"), ("connect", "connect_timeout"),
+        ("drain", "drain_timeout"),
         ("device_grace", "device_grace"),
     ]
     limits: list[tuple[str, Callable[[Any], Any]]] = []

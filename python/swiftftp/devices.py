@@ -139,6 +139,8 @@ class CommandSession:
     async def run(self) -> None:
         device = self.device
         old = device.command
+        if self.node.draining:
+            raise Busy("this node is shutting down")
         if old is None and self.node.command_sessions >= self.node.settings.max_command_sessions:
             raise Busy("too many devices on this node")
         device.command = self

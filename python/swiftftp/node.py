@@ -107,6 +107,9 @@ class ProxyNode:
         self.by_prefix: dict[str, Device] = {}
         self.sessions: set[Session] = set()
         self.pending_listeners = 0
+        #: Set by :meth:`drain`: new FTP clients and command sessions are turned away.
+        self.draining = False
+        self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
@@ -153,6 +156,43 @@ class ProxyNode:
             "listening on %s: FTP clients on port %d, devices on port %d, relay backend %s",
             bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
         )
+
+    @property
+    def busy(self) -> int:
+        """FTP clients connected plus data sessions open: what a drain waits for."""
+        return sum(self.guard.connections.values()) + sum(s.kind == "data" for s in self.sessions)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wind down before a stop: turn new FTP clients and command sessions away,
+        ask every device to ``reconnect`` when idle (PROTOCOL.md), and give the clients
+        and transfers already here up to ``timeout`` seconds.  True if they all ended."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        async def tell(command: Any) -> None:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(5):
+                    await command.notify({"action": "reconnect"})
+
+        commands = [d.command for d in self.devices.values() if d.command is not None]
+        log.info("draining: %d devices asked to reconnect, %d clients and transfers to finish",
+                 len(commands), self.busy)
+        await asyncio.gather(*(tell(c) for c in commands))
+        self.left()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self._drained.wait()
+        if self.busy:
+            log.warning("drain timed out: %d clients and transfers still open", self.busy)
+            return False
+        log.info("drained")
+        return True
+
+    def left(self) -> None:
+        """A client or a transfer ended: the drain may be over."""
+        if self.draining and not self.busy:
+            self._drained.set()
 
     async def close(self) -> None:
         """Stop listening, end every session, flush the quota, wait for every task."""
@@ -332,6 +372,7 @@ class ProxyNode:
         up, down = info.counters()
         duration = time.monotonic() - info.opened
         self.sessions.discard(info)
+        self.left()
         if info.kind != "command":
             self.stats.closed_bytes[0] += up
             self.stats.closed_bytes[1] += down

@@ -349,6 +349,30 @@ def test_max_pending_device_logins_per_ip(make_proxy) -> None:
     FieldDevice(proxy.device_port, android_id="back-again").connect().close()
 
 
+def test_drain_is_bounded_and_turns_newcomers_away(make_proxy, devices) -> None:
+    """A client that stays logged in does not hold a drain past its timeout; meanwhile
+    a device logging in again is refused, and a client naming a device gets 421."""
+    proxy = make_proxy()
+    device = start_device(devices, proxy, "drain-op", {})
+    idle = login(proxy, device)
+    early = socket.create_connection(("127.0.0.1", proxy.ftp_port), timeout=10)
+    assert early.recv(200).startswith(b"220")  # greeted before the drain, logs in during it
+    drain = proxy.submit(proxy.node.drain(1.0))
+    wait_until(lambda: {"action": "reconnect"} in device.notices, 5, "reconnect sent")
+    again = FieldDevice(proxy.device_port, android_id="drain-op")
+    sock = again.connect()
+    write_one(sock, {"action": "start_command_session"})
+    reply = read_one(sock)
+    assert reply["error_code"] == 0 and "shutting down" in reply["error_string"]
+    sock.close()
+    early.sendall(f"USER {device.prefix}_op\r\n".encode())
+    assert early.recv(200).startswith(b"421 This node is shutting down")
+    early.close()
+    assert drain.result(10) is False  # the idle client is still there
+    assert proxy.run(lambda n: n.busy) == 1
+    idle.close()
+
+
 def test_prefix_guessing_locks_the_address_out(make_proxy) -> None:
     proxy = make_proxy(guess_max_failures=4, max_login_failures=3, guess_lockout=60)
     answers = []
