@@ -4,6 +4,7 @@ close, and nothing leaked (tasks of the node, file descriptors of the process)."
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import struct
 import threading
@@ -11,6 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import open_fds, recv_all, wait_until
@@ -325,3 +329,41 @@ def test_garbage_flood_does_not_hurt_the_listener(proxy: ProxyThread) -> None:
     dev = FieldDevice(proxy.device_port, android_id="after-flood").start()
     assert dev.prefix
     dev.stop()
+
+
+# Values of every JSON type, and the edge cases a parser of ports and addresses meets.
+ANY_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=40) | st.sampled_from(["127.0.0.1", "::1", "0", "65536", "1e9", "..", ""]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=6,
+)
+REQUEST = st.fixed_dictionaries(
+    {"action": st.sampled_from(["start_command_session", "data_pasv_listen", "data_pasv_accept",
+                                "data_port_connect", "noop", "check_quota", "finished",
+                                "login", "authenticate", "create_account", "message"])},
+    optional={key: ANY_VALUE for key in ("address", "port", "android_id", "secret", "text")},
+)
+
+
+@hyp_settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(REQUEST, min_size=1, max_size=3))
+def test_any_request_after_login_gets_a_reply_or_a_clean_close(
+    proxy: ProxyThread, caplog: pytest.LogCaptureFixture, requests: list[dict]
+) -> None:
+    """Whatever fields, of whatever types, follow a good login: every reply is a JSON
+    object and no handler fails with an exception of its own."""
+    login = {"action": "login", "android_id": "fuzzed-device"}
+    sock = socket.create_connection(("127.0.0.1", proxy.device_port), timeout=10)
+    write_one(sock, login)
+    assert read_one(sock) == {}
+    for request in requests:
+        sock.sendall(json.dumps(request).encode())
+    sock.shutdown(socket.SHUT_WR)  # our EOF ends whatever the node still waits for
+    data = recv_all(sock)
+    sock.close()
+    decoder, pos, text = json.JSONDecoder(), 0, data.decode()
+    while pos < len(text):
+        reply, pos = decoder.raw_decode(text, pos)
+        assert isinstance(reply, dict)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
