@@ -85,6 +85,8 @@ class Settings:
     #: Device-port connections from one IP that have not logged in yet (a phone logs in
     #: within a round trip; many phones share a carrier NAT address).
     max_pending_logins_per_ip: int = 32
+    #: First logins of unknown device ids from one IP per hour (each takes a prefix).
+    max_new_devices_per_ip: int = 60
     max_login_failures: int = 3
     #: Prefix guessing: this many failed logins from one IP within guess_window
     #: seconds lock that IP out for guess_lockout seconds.
@@ -253,7 +255,7 @@ def _options() -> list[Option]:
         ("burst", parse_bytes), ("max_command_sessions", count),
         ("max_control_per_device", count), ("max_data_per_device", count),
         ("max_pending_listeners", count), ("max_connections_per_ip", count),
-        ("max_pending_logins_per_ip", count),
+        ("max_pending_logins_per_ip", count), ("max_new_devices_per_ip", count),
         ("max_login_failures", _int(1, 1000)), ("guess_max_failures", _int(1, 10**6)),
         ("guess_window", seconds), ("guess_lockout", seconds), ("failure_delay", seconds),
     ]

@@ -51,6 +51,10 @@ async def login(node: ProxyNode, chan: DeviceChannel) -> tuple[str, str]:
         android_id = field(message, "android_id", str)
         if not valid_android_id(android_id):
             raise ProtocolError(ErrorCode.INVALID_DEVICE_ID, "invalid android_id")
+        if action != "authenticate" and not node.registry.known(android_id):
+            if not node.guard.new_device(normalize_ip(chan.peer[0])):
+                node.refuse("too many new devices from one address", "{}:{}".format(*chan.peer))
+                raise ProtocolError(ErrorCode.INTERNAL, "too many new devices from this address")
         if action == "create_account":  # deprecated: answers a secret, then a login follows
             try:
                 secret = node.registry.create_account(android_id)

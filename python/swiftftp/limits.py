@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 
 class Guard:
-    """Per IP: open FTP connections, device connections not logged in yet, and failed
-    logins within a window.
+    """Per IP: open FTP connections, device connections not logged in yet, new device
+    ids in the last hour, and failed logins within a window.
 
     ``guess_max_failures`` failures within ``guess_window`` seconds lock the
     IP out for ``guess_lockout`` seconds: prefix guessing then costs a new
@@ -27,7 +27,8 @@ class Guard:
         self.settings = settings
         self.connections: Counter[str] = Counter()
         self.logins: Counter[str] = Counter()
-        self._failures: dict[str, deque[float]] = {}
+        self._failures = RecentEvents()
+        self._new_devices = RecentEvents()
         self._locked_until: dict[str, float] = {}
 
     def admit(self, ip: str) -> str | None:
@@ -69,27 +70,53 @@ class Guard:
     def failure(self, ip: str) -> bool:
         """Record a failed login; True if this one locks the IP out."""
         s = self.settings
-        now = time.monotonic()
-        recent = self._failures.setdefault(ip, deque())
-        recent.append(now)
-        while recent and recent[0] < now - s.guess_window:
-            recent.popleft()
-        if len(recent) >= s.guess_max_failures:
-            del self._failures[ip]
-            self._locked_until[ip] = now + s.guess_lockout
+        if self._failures.add(ip, s.guess_window) >= s.guess_max_failures:
+            self._failures.forget(ip)
+            self._locked_until[ip] = time.monotonic() + s.guess_lockout
             return True
-        if len(self._failures) > 100_000:  # bounded memory under a spray of sources
-            self._expire(now)
         return False
 
-    def _expire(self, now: float) -> None:
-        window = self.settings.guess_window
-        for ip in [ip for ip, q in self._failures.items() if not q or q[-1] < now - window]:
-            del self._failures[ip]
+    def new_device(self, ip: str) -> bool:
+        """Count the first login of a device id unknown to the registry; False past
+        ``max_new_devices_per_ip`` in an hour.  Each new id takes a prefix for good, so
+        one address must not be able to spray ids and use up the registry."""
+        if self._new_devices.count(ip, 3600) >= self.settings.max_new_devices_per_ip:
+            return False
+        self._new_devices.add(ip, 3600)
+        return True
 
     @property
     def locked_out(self) -> int:
         return sum(1 for ip in list(self._locked_until) if self.locked(ip))
+
+
+class RecentEvents:
+    """Per IP, the times of recent events in a sliding window; memory stays bounded
+    under a spray of source addresses."""
+
+    def __init__(self, max_addresses: int = 100_000) -> None:
+        self._times: dict[str, deque[float]] = {}
+        self._max = max_addresses
+
+    def count(self, ip: str, window: float) -> int:
+        recent = self._times.get(ip)
+        if not recent:
+            return 0
+        while recent and recent[0] < time.monotonic() - window:
+            recent.popleft()
+        return len(recent)
+
+    def add(self, ip: str, window: float) -> int:
+        """Record one event now; how many ``ip`` had within ``window`` seconds."""
+        now = time.monotonic()
+        if ip not in self._times and len(self._times) >= self._max:
+            for old in [a for a, q in self._times.items() if not q or q[-1] < now - window]:
+                del self._times[old]
+        self._times.setdefault(ip, deque()).append(now)
+        return self.count(ip, window)
+
+    def forget(self, ip: str) -> None:
+        self._times.pop(ip, None)
 
 
 class Throttle:

@@ -57,6 +57,12 @@ class Registry:
         with self._lock:
             self._db.close()
 
+    def known(self, android_id: str) -> bool:
+        with self._lock:
+            return self._db.execute(
+                "SELECT 1 FROM devices WHERE android_id = ?", (android_id,)
+            ).fetchone() is not None
+
     def prefix_for(self, android_id: str) -> str:
         """The device's prefix, allotting a new unique one on its first login."""
         now = time.time()

@@ -373,6 +373,26 @@ def test_drain_is_bounded_and_turns_newcomers_away(make_proxy, devices) -> None:
     idle.close()
 
 
+def test_new_device_ids_per_address_are_bounded(make_proxy) -> None:
+    """Each new device id takes a prefix for good: one address may not spray them."""
+    proxy = make_proxy(max_new_devices_per_ip=2)
+
+    def login_as(android_id: str, source: str = "127.0.0.1") -> dict:
+        with socket.create_connection(("127.0.0.1", proxy.device_port), timeout=10,
+                                      source_address=(source, 0)) as sock:
+            write_one(sock, {"action": "login", "android_id": android_id, "swiftp_version": "2"})
+            return read_one(sock)
+
+    assert login_as("new-1") == {} and login_as("new-2") == {}
+    reply = login_as("new-3")
+    assert reply["error_code"] == 0 and "too many new devices" in reply["error_string"]
+    assert login_as("new-1") == {}  # a known device is not a new one
+    assert login_as("new-3", source="127.0.0.2") == {}  # another address
+    assert proxy.run(lambda n: n.stats.refused["too many new devices from one address"]) == 1
+    registered = proxy.run(lambda n: [d.android_id for d in n.registry.all()])
+    assert sorted(registered) == ["new-1", "new-2", "new-3"]
+
+
 def test_prefix_guessing_locks_the_address_out(make_proxy) -> None:
     proxy = make_proxy(guess_max_failures=4, max_login_failures=3, guess_lockout=60)
     answers = []
