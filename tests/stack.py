@@ -113,6 +113,8 @@ class ProxyThread(LoopThread):
         return self.tasks()
 
     def close(self) -> None:
+        if self.loop.is_closed():
+            return  # closed already (a test may stop a node itself)
         self.call(self.node.close())
         self.node.registry.close()
         self.stop()

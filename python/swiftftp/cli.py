@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__, logs
 from .config import Settings, describe, load_settings, parse_bytes, parse_host_port
-from .errors import ConfigError
+from .errors import ConfigError, FleetError
 from .net import bracketed
 
 log = logging.getLogger("swiftftp")
@@ -30,6 +30,7 @@ _NODE_FLAGS = {
     "listen": "listen", "ftp_port": "ftp_port", "device_port": "device_port",
     "state_dir": "state_dir", "public_address": "public_address", "data_ports": "data_ports",
     "relay": "relay_backend", "stats_listen": "stats_listen", "log_format": "log_format",
+    "s3_endpoint": "s3_endpoint", "s3_bucket": "fleet_bucket",
 }
 
 
@@ -56,6 +57,8 @@ def _add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--relay", choices=["rust", "python"], help="relay backend")
     p.add_argument("--stats-listen", metavar="ADDR:PORT", help="HTTP stats (127.0.0.1:9121; 'off')")
     p.add_argument("--log-format", choices=["plain", "json"])
+    p.add_argument("--s3-bucket", metavar="NAME", help="join the fleet kept in this S3 bucket")
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (default AWS)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -95,6 +98,9 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     except OSError as exc:
         node.registry.close()
         return _fail(f"cannot listen: {exc}", 1)
+    except (FleetError, ConfigError) as exc:
+        node.registry.close()
+        return _fail(f"cannot join the fleet: {exc}", 1)
     stats = ""
     if node.stats_address:
         stats = f", stats http://{bracketed(node.stats_address[0])}:{node.stats_address[1]}"

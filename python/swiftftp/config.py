@@ -50,6 +50,16 @@ class Settings:
     #: One line per finished data connection; None = ``state_dir/transfers.log``, "-" = stderr.
     transfer_log: str | None = None
 
+    # [fleet]: nodes sharing an S3 bucket (fleet.py); no bucket, no fleet.
+    fleet_bucket: str | None = None
+    #: S3 endpoint URL (MinIO, Ceph, moto…); None = AWS's, credentials as boto3 finds them.
+    s3_endpoint: str | None = None
+    fleet_key_prefix: str = ""
+    #: The name devices are given in the server list; None = public_address, else the FQDN.
+    fleet_host: str | None = None
+    fleet_heartbeat: float = 30.0
+    fleet_servers_key: str = "servers"
+
     # [timeouts], seconds (PROTOCOL.md: 2 min client login, 10 s device login, 30 min silence).
     client_login_timeout: float = 120.0
     device_login_timeout: float = 10.0
@@ -264,8 +274,14 @@ def _options() -> list[Option]:
         ("period", "quota_period", _choice("month", "week", "day", "total")),
         ("flush_interval", "quota_flush_interval", seconds),
     ]
+    fleet = [
+        ("bucket", "fleet_bucket", _optional_text), ("s3_endpoint", "s3_endpoint", _optional_text),
+        ("key_prefix", "fleet_key_prefix", _text), ("host", "fleet_host", _optional_text),
+        ("heartbeat", "fleet_heartbeat", seconds), ("servers_key", "fleet_servers_key", _text),
+    ]
     return (
         [Option("node", k, a, p) for k, a, p in node]
+        + [Option("fleet", k, a, p) for k, a, p in fleet]
         + [Option("timeouts", k, a, seconds, reloadable=True) for k, a in timeouts]
         + [Option("limits", k, k, p, reloadable=True) for k, p in limits]
         + [Option("quota", k, a, p, reloadable=True) for k, a, p in quota]

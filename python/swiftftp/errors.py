@@ -37,3 +37,7 @@ class PeerClosed(SwiftFTPError, ConnectionError):
 
 class ConfigError(SwiftFTPError, ValueError):
     """A configuration value is unknown or invalid; the message names the key."""
+
+
+class FleetError(SwiftFTPError):
+    """The fleet's S3 bucket could not be read or written."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import socket
 import time
 from collections import Counter
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import admin, aio, logs, relay
 from .config import OPTIONS, Settings, reloadable_changes
+from .errors import ConfigError, ErrorCode, FleetError, ProtocolError
+from .fleet import Bucket, ServerList, SharedPrefixes
 from .limits import Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip
 from .quota import QuotaBook
@@ -117,6 +120,9 @@ class ProxyNode:
         self.ftp_port = settings.ftp_port
         self.device_port = settings.device_port
         self.stats_address: tuple[str, int] | None = None
+        #: This node's place in the fleet's server list; None outside a fleet.
+        self.fleet: ServerList | None = None
+        self.fleet_servers: list[str] = []
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -142,7 +148,9 @@ class ProxyNode:
                 self.stats_address = server.sockets[0].getsockname()[:2]
             with contextlib.suppress(OSError):  # e.g. a state dir path too long for AF_UNIX
                 self._servers.append(await admin.serve(self, admin.socket_path(s.state_dir)))
-        except OSError:
+            if s.fleet_bucket:
+                await self._join_fleet()
+        except (OSError, FleetError, ConfigError):
             await self.close()
             raise
         logs.setup_transfer_log(
@@ -157,6 +165,54 @@ class ProxyNode:
             bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
         )
 
+    async def _join_fleet(self) -> None:
+        """Share the bucket's prefix map, and put this node on the server list."""
+        s = self.settings
+        bucket = Bucket(s.fleet_bucket or "", s.s3_endpoint, s.fleet_key_prefix)
+        await asyncio.to_thread(bucket.check)
+        self.registry.shared = SharedPrefixes(bucket)
+        host = s.fleet_host or s.public_address or socket.getfqdn()
+        ports = {"ftp_port": self.ftp_port, "device_port": self.device_port}
+        self.fleet = ServerList(bucket, host, ports, s.fleet_heartbeat, s.fleet_servers_key)
+        self.fleet_servers = await asyncio.to_thread(self.fleet.beat)
+        self.spawn(self._heartbeat(self.fleet), "fleet-heartbeat")
+        log.info("in the fleet of bucket %s as %s; servers: %s", bucket.name, host,
+                 ", ".join(self.fleet_servers))
+
+    async def _heartbeat(self, fleet: ServerList) -> None:
+        while True:
+            await asyncio.sleep(fleet.interval)
+            try:
+                self.fleet_servers = await asyncio.to_thread(fleet.beat)
+            except FleetError as exc:  # S3 unreachable: keep serving, try again next time
+                log.warning("fleet heartbeat failed: %s", exc)
+
+    async def _leave_fleet(self) -> list[str]:
+        """Off the server list (once); the other nodes, where devices may go."""
+        fleet, self.fleet = self.fleet, None
+        if fleet is None:
+            return []
+        try:
+            async with asyncio.timeout(10):
+                servers = await asyncio.to_thread(fleet.leave)
+        except (FleetError, TimeoutError) as exc:
+            log.warning("could not leave the fleet's server list: %s", exc)
+            return []
+        log.info("left the fleet's server list")
+        return [host for host in servers if host != fleet.host]
+
+    async def prefix_for(self, android_id: str) -> str:
+        """The device's prefix.  In a fleet, a first login on this node asks the bucket,
+        from a thread so the loop goes on; if S3 cannot be reached the device is told to
+        try again (error 0)."""
+        if self.registry.shared is None or self.registry.known(android_id):
+            return self.registry.prefix_for(android_id)
+        try:
+            return await asyncio.to_thread(self.registry.prefix_for, android_id)
+        except FleetError as exc:
+            log.error("cannot register %s: %s", android_id, exc)
+            raise ProtocolError(ErrorCode.INTERNAL, "device registry unavailable; try again") from None
+
     @property
     def busy(self) -> int:
         """FTP clients connected plus data sessions open: what a drain waits for."""
@@ -170,15 +226,17 @@ class ProxyNode:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
 
-        async def tell(command: Any) -> None:
+        async def tell(command: Any, newserver: str | None) -> None:
+            message = {"action": "reconnect"} | ({"newserver": newserver} if newserver else {})
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(5):
-                    await command.notify({"action": "reconnect"})
+                    await command.notify(message)
 
+        others = await self._leave_fleet()
         commands = [d.command for d in self.devices.values() if d.command is not None]
-        log.info("draining: %d devices asked to reconnect, %d clients and transfers to finish",
-                 len(commands), self.busy)
-        await asyncio.gather(*(tell(c) for c in commands))
+        log.info("draining: %d devices asked to reconnect%s, %d clients and transfers to finish",
+                 len(commands), " elsewhere in the fleet" if others else "", self.busy)
+        await asyncio.gather(*(tell(c, random.choice(others) if others else None) for c in commands))
         self.left()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
@@ -196,6 +254,7 @@ class ProxyNode:
 
     async def close(self) -> None:
         """Stop listening, end every session, flush the quota, wait for every task."""
+        await self._leave_fleet()
         for server in self._servers:
             server.close()
         tasks = list(self._tasks)

@@ -2,7 +2,9 @@
 
 The first login of an ``android_id`` allots it a prefix of five random
 lowercase letters; later logins get the same one, so the URL its user
-bookmarked keeps working.
+bookmarked keeps working.  In a fleet the allotting is shared by every node
+(:class:`swiftftp.fleet.SharedPrefixes`) and SQLite keeps this node's copy,
+with its quotas, rate overrides and usage.
 """
 
 from __future__ import annotations
@@ -14,9 +16,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fleet import SharedPrefixes
 
 PREFIX_LENGTH = 5
 _ALPHABET = string.ascii_lowercase
+
+
+def _candidate(attempt: int) -> str:
+    """A random prefix; five letters give 11.9 M, longer only if the space is crowded."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(PREFIX_LENGTH + attempt // 20))
 
 
 class AccountExists(Exception):
@@ -31,6 +42,8 @@ class Registry:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        #: The fleet's prefix map; None: this registry allots prefixes alone.
+        self.shared: SharedPrefixes | None = None
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -64,7 +77,11 @@ class Registry:
             ).fetchone() is not None
 
     def prefix_for(self, android_id: str) -> str:
-        """The device's prefix, allotting a new unique one on its first login."""
+        """The device's prefix, allotting a new unique one on its first login.
+
+        In a fleet the first login on this node asks the bucket (a network round
+        trip: call it from a thread then); later ones are answered here.
+        """
         now = time.time()
         with self._lock:
             row = self._db.execute(
@@ -75,22 +92,35 @@ class Registry:
                     "UPDATE devices SET last_seen = ? WHERE android_id = ?", (now, android_id)
                 )
                 return row[0]
-            return self._insert(android_id, None, now)
+            if self.shared is None:
+                return self._insert(android_id, None, now)
+        prefix = self.shared.prefix_for(android_id, _candidate)  # not under the lock
+        with self._lock:
+            return self._insert(android_id, None, now, prefix)
 
-    def _insert(self, android_id: str, secret: str | None, now: float) -> str:
-        for attempt in range(100):
-            # Five letters give 11.9 M prefixes; grow only if the space is crowded.
-            length = PREFIX_LENGTH + attempt // 20
-            prefix = "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    def _insert(self, android_id: str, secret: str | None, now: float, prefix: str | None = None) -> str:
+        """Add the device with ``prefix`` (the fleet's), or with a free one of our own."""
+        for attempt in range(1 if prefix else 100):
+            chosen = prefix or _candidate(attempt)
             try:
                 self._db.execute(
                     "INSERT INTO devices (android_id, prefix, secret, created, last_seen)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (android_id, prefix, secret, now, now),
+                    (android_id, chosen, secret, now, now),
                 )
             except sqlite3.IntegrityError:
+                row = self._db.execute(
+                    "SELECT prefix FROM devices WHERE android_id = ?", (android_id,)
+                ).fetchone()
+                if row:  # a concurrent first login of the same device got here first
+                    return row[0]
+                if prefix:
+                    raise RuntimeError(
+                        f"the fleet gave {android_id!r} prefix {prefix!r}, which this node's"
+                        " registry has for another device (registered before joining the fleet?)"
+                    ) from None
                 continue
-            return prefix
+            return chosen
         raise RuntimeError("could not allot a unique prefix")
 
     def android_id_for(self, prefix: str) -> str | None:
@@ -103,13 +133,13 @@ class Registry:
     def create_account(self, android_id: str) -> str:
         """Legacy ``create_account``: a new device with a secret; :class:`AccountExists` if known."""
         secret = secrets.token_hex(16)
+        if self.known(android_id):
+            raise AccountExists(android_id)
+        prefix = self.shared.prefix_for(android_id, _candidate) if self.shared else None
         with self._lock:
-            known = self._db.execute(
-                "SELECT 1 FROM devices WHERE android_id = ?", (android_id,)
-            ).fetchone()
-            if known:
+            if self._db.execute("SELECT 1 FROM devices WHERE android_id = ?", (android_id,)).fetchone():
                 raise AccountExists(android_id)
-            self._insert(android_id, secret, time.time())
+            self._insert(android_id, secret, time.time(), prefix)
         return secret
 
     def check_secret(self, android_id: str, secret: str) -> bool:

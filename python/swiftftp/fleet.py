@@ -1,0 +1,158 @@
+"""A fleet of nodes sharing one S3 bucket (DESIGN.md, "fleet").
+
+Nodes share only two things, both kept in the bucket:
+
+* the device id → prefix map, so a device keeps its prefix, and its user's
+  bookmarked URL, on whichever node it logs in to (PROTOCOL.md);
+* the public server list devices pick a node from, kept fresh by heartbeats.
+
+Layout, under an optional key prefix::
+
+    devices/<android_id as hex>   {"prefix": "abcde"}        created once (If-None-Match: *)
+    prefixes/<prefix>             {"android_id": "..."}      the claim that keeps a prefix unique
+    nodes/<host>                  {"host": ..., "ftp_port": ..., "device_port": ...}  heartbeat
+    servers                       one host name per line: the nodes heard from lately
+
+Conditional creation (``If-None-Match: *``, which AWS S3, MinIO, Ceph and moto
+honour) is what makes two nodes that see a new device at the same moment agree
+on one prefix.  A node is alive while its heartbeat object is younger than
+three heartbeats, judged by the S3 server's own clock (``LastModified``), so
+the nodes' clocks do not matter.
+
+Everything here blocks on the network: the node calls it from a thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from .errors import ConfigError, FleetError
+
+log = logging.getLogger("swiftftp.fleet")
+
+
+class Bucket:
+    """Small JSON objects in one S3 bucket, reached with boto3.  Every failure to
+    reach it is a :class:`FleetError`."""
+
+    def __init__(self, bucket: str, endpoint: str | None = None, key_prefix: str = "") -> None:
+        try:
+            import boto3
+            from botocore.config import Config
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:
+            raise ConfigError("fleet.bucket: the fleet needs boto3 (pip install 'swiftftp[s3]')") from None
+        self._errors = (BotoCoreError, ClientError)
+        config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3, "mode": "standard"})
+        self._s3 = boto3.client("s3", endpoint_url=endpoint or None, config=config)
+        self.name = bucket
+        self._prefix = key_prefix.strip("/") + "/" if key_prefix.strip("/") else ""
+
+    def _request(self, method: str, expected: tuple[str, ...] = (), **params: Any) -> Any:
+        """``s3.<method>(Bucket=…, **params)``; None for an error code in ``expected``."""
+        try:
+            return getattr(self._s3, method)(Bucket=self.name, **params)
+        except self._errors as exc:
+            response = getattr(exc, "response", None) or {}
+            if str(response.get("Error", {}).get("Code", "")) in expected:
+                return None
+            raise FleetError(f"S3 bucket {self.name!r}: {exc}") from None
+
+    def check(self) -> None:
+        """Raise :class:`FleetError` unless the bucket can be reached."""
+        self._request("head_bucket")
+
+    def get(self, key: str) -> Any:
+        """The object's JSON, or None if there is none."""
+        found = self._request("get_object", ("NoSuchKey", "404"), Key=self._prefix + key)
+        return None if found is None else orjson.loads(found["Body"].read())
+
+    def create(self, key: str, value: Any) -> bool:
+        """Write the object only if it does not exist yet; False if it did."""
+        done = self._request(
+            "put_object", ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"),
+            Key=self._prefix + key, Body=orjson.dumps(value), ContentType="application/json",
+            IfNoneMatch="*",
+        )
+        return done is not None
+
+    def put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
+        self._request("put_object", Key=self._prefix + key, Body=body, ContentType=content_type)
+
+    def delete(self, key: str) -> None:
+        self._request("delete_object", Key=self._prefix + key)
+
+    def listing(self, folder: str) -> list[tuple[str, Any]]:
+        """(name under ``folder``, LastModified) of every object there."""
+        found, token = [], None
+        while True:
+            more = {"ContinuationToken": token} if token else {}
+            page = self._request("list_objects_v2", Prefix=self._prefix + folder, **more)
+            for item in page.get("Contents", []):
+                found.append((item["Key"][len(self._prefix + folder):], item["LastModified"]))
+            token = page.get("NextContinuationToken")
+            if not token:
+                return found
+
+
+class SharedPrefixes:
+    """The fleet-wide device id → prefix map."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    def prefix_for(self, android_id: str, candidate: Callable[[int], str]) -> str:
+        """The device's prefix, allotting one on its first login anywhere in the fleet;
+        ``candidate(attempt)`` proposes a random prefix."""
+        key = f"devices/{android_id.encode().hex()}"
+        if (known := self.bucket.get(key)) is not None:
+            return known["prefix"]
+        for attempt in range(100):
+            prefix = candidate(attempt)
+            if not self.bucket.create(f"prefixes/{prefix}", {"android_id": android_id}):
+                continue  # another device has it
+            if self.bucket.create(key, {"prefix": prefix}):
+                log.info("device %s: prefix %s allotted in the fleet", android_id, prefix)
+                return prefix
+            # another node registered this device at the same moment: its prefix stands
+            self.bucket.delete(f"prefixes/{prefix}")
+            return self.bucket.get(key)["prefix"]
+        raise RuntimeError("could not allot a unique prefix")
+
+
+class ServerList:
+    """This node's heartbeat, and the server list built from everyone's."""
+
+    def __init__(self, bucket: Bucket, host: str, info: dict[str, Any], interval: float,
+                 key: str = "servers") -> None:
+        self.bucket = bucket
+        self.host = host
+        self.info = {"host": host, **info}
+        self.interval = interval
+        self.key = key
+
+    def beat(self) -> list[str]:
+        """Say this node is alive; rewrite and return the list of live nodes."""
+        self.bucket.put(f"nodes/{self.host}", orjson.dumps(self.info))
+        return self._publish()
+
+    def leave(self) -> list[str]:
+        """Take this node off the list (it is going away); the nodes left."""
+        self.bucket.delete(f"nodes/{self.host}")
+        return self._publish()
+
+    def _publish(self) -> list[str]:
+        nodes = self.bucket.listing("nodes/")
+        if not nodes:
+            alive = []
+        else:
+            # the newest heartbeat tells the S3 server's time: no node's clock is trusted
+            cutoff = max(when for _, when in nodes) - timedelta(seconds=3 * self.interval)
+            alive = sorted(host for host, when in nodes if when >= cutoff)
+        self.bucket.put(self.key, "".join(f"{host}\n" for host in alive).encode(), "text/plain")
+        return alive
