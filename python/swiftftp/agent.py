@@ -22,6 +22,7 @@ import random
 import re
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,13 +33,20 @@ from . import __version__, aio, relay
 from .channel import DeviceChannel
 from .errors import PeerClosed
 from .ftp import LineSplitter, parse_port_argument, split_command
-from .net import bracketed, dial, listen_on, normalize_ip
+from .net import bracketed, dial, listen_on, normalize_ip, split_server
 
 log = logging.getLogger("swiftftp.agent")
 
 TRANSFER_VERBS = {"RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"}
 _227 = re.compile(rb"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)")
 _229 = re.compile(rb"\((.)\1\1(\d+)\1\)")
+
+
+def read_server_list(url: str, timeout: float) -> list[str]:
+    """The fleet's server list: one ``host`` or ``host:port`` per line."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read(1 << 20).decode()
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 class AgentError(Exception):
@@ -69,6 +77,9 @@ class AgentSettings:
     connect_timeout: float = 10.0
     keepalive: float = 45.0
     relay_backend: str | None = None
+    #: The fleet's server list (an http(s) URL, one host[:port] per line), read before
+    #: each connection; the proxy_host/proxy_port above are then only the start.
+    servers_url: str | None = None
 
 
 class Agent:
@@ -87,6 +98,7 @@ class Agent:
         self.proxy_ip: str | None = None
         self._tasks: set[asyncio.Task] = set()
         self._reconnect_to: str | None = None
+        self._preferred: str | None = None  # prefer_server from the proxy
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -97,8 +109,12 @@ class Agent:
     async def run(self) -> None:
         """Stay connected, reconnecting with exponential backoff (1 s … 60 s)."""
         backoff = 1.0
+        redirected = False
         try:
             while True:
+                if self.settings.servers_url and not redirected:
+                    await self._pick_node(self.settings.servers_url)
+                redirected = False
                 started = time.monotonic()
                 try:
                     await self._command_session()
@@ -106,10 +122,8 @@ class Agent:
                     log.warning("command session to %s:%d ended: %s",
                                 self.proxy_host, self.proxy_port, exc)
                 if self._reconnect_to:
-                    host, _, port = self._reconnect_to.partition(":")
-                    self.proxy_host, self._reconnect_to = host, None
-                    self.proxy_port = int(port) if port else self.proxy_port
-                    backoff = 1.0
+                    self.proxy_host, self.proxy_port = split_server(self._reconnect_to, self.proxy_port)
+                    self._reconnect_to, redirected, backoff = None, True, 1.0
                     continue
                 if time.monotonic() - started > 60:
                     backoff = 1.0
@@ -119,6 +133,20 @@ class Agent:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _pick_node(self, url: str) -> None:
+        """A node from the fleet's server list: the one the proxy said it prefers if it
+        is listed, else one at random.  If the list cannot be read, the node stays."""
+        try:
+            hosts = await asyncio.to_thread(read_server_list, url, self.settings.connect_timeout)
+        except (OSError, ValueError) as exc:
+            log.warning("server list %s: %s", url, exc)
+            return
+        if not hosts:
+            log.warning("server list %s is empty", url)
+            return
+        choice = self._preferred if self._preferred in hosts else random.choice(hosts)
+        self.proxy_host, self.proxy_port = split_server(choice, self.settings.proxy_port)
 
     async def _connect(self, port: int | None = None) -> DeviceChannel:
         """A logged-in connection to the proxy's device port (or ``port``)."""
@@ -173,6 +201,8 @@ class Agent:
             log.warning("message from the proxy: %s", message.get("text"))
         elif action == "prefer_server":
             log.info("proxy prefers %s", message.get("host"))
+            if isinstance(message.get("host"), str):
+                self._preferred = message["host"]
         elif action == "reconnect":
             self._reconnect_to = message.get("newserver") or f"{self.proxy_host}:{self.proxy_port}"
             log.warning("proxy asks to reconnect to %s", self._reconnect_to)

@@ -352,7 +352,10 @@ def agent_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="swiftftp-agent", description="Publish a local FTP server through a SwiftFTP proxy."
     )
-    parser.add_argument("--proxy", required=True, metavar="HOST:PORT")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--proxy", metavar="HOST:PORT", help="the proxy node's device port")
+    where.add_argument("--servers", metavar="URL",
+                       help="a fleet's server list (host[:port] per line, port 2222 if none)")
     parser.add_argument("--ftp", required=True, metavar="HOST:PORT")
     parser.add_argument("--state-dir", metavar="DIR")
     parser.add_argument("--client-port", type=int, default=2121, metavar="N",
@@ -362,7 +365,8 @@ def agent_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     try:
-        proxy, ftp = parse_host_port(args.proxy), parse_host_port(args.ftp)
+        proxy = parse_host_port(args.proxy) if args.proxy else ("", 2222)
+        ftp = parse_host_port(args.ftp)
     except ValueError as exc:
         print(f"swiftftp-agent: {exc}", file=sys.stderr)
         return 2
@@ -371,6 +375,7 @@ def agent_main(argv: list[str] | None = None) -> int:
         proxy_host=proxy[0], proxy_port=proxy[1], ftp_host=ftp[0], ftp_port=ftp[1],
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
         client_port=args.client_port, user=args.user, relay_backend=args.relay,
+        servers_url=args.servers,
     )
 
     async def main() -> int:

@@ -31,6 +31,18 @@ def bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def split_server(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address → (host, port)."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, default_port
+
+
 def listen_on(host: str, port: int, backlog: int = 128) -> socket.socket:
     """A non-blocking listening TCP socket (dual-stack when ``host`` is ``::``)."""
     sock = socket.socket(family_of(host), socket.SOCK_STREAM)

@@ -19,7 +19,7 @@ from .config import OPTIONS, Settings, reloadable_changes
 from .errors import ConfigError, ErrorCode, FleetError, ProtocolError
 from .fleet import Bucket, ServerList, SharedPrefixes
 from .limits import Guard, Throttle
-from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip
+from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
 from .registry import Registry
 from .stats import Stats, sample_throughput, serve_http
@@ -172,6 +172,8 @@ class ProxyNode:
         await asyncio.to_thread(bucket.check)
         self.registry.shared = SharedPrefixes(bucket)
         host = s.fleet_host or s.public_address or socket.getfqdn()
+        if split_server(host, 0)[1] == 0 and self.device_port != 2222:
+            host = f"{bracketed(host)}:{self.device_port}"  # devices assume 2222 otherwise
         ports = {"ftp_port": self.ftp_port, "device_port": self.device_port}
         self.fleet = ServerList(bucket, host, ports, s.fleet_heartbeat, s.fleet_servers_key)
         self.fleet_servers = await asyncio.to_thread(self.fleet.beat)

@@ -4,6 +4,7 @@ standalone server process, reached over HTTP by boto3 as AWS or MinIO would be."
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import ftplib
 import hashlib
@@ -20,9 +21,10 @@ from typing import Any
 import boto3
 import pytest
 
+from swiftftp.agent import Agent, AgentSettings
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
-from tests.stack import ProxyThread, node_settings
+from tests.stack import FTP_PASSWORD, FTP_USER, FtpServerThread, LoopThread, ProxyThread, node_settings
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fleet-test", "AWS_SECRET_ACCESS_KEY": "fleet-test",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -71,7 +73,8 @@ def fleet(backend_name: str, tmp_path: Path, s3_endpoint: str, bucket: tuple[Any
     started: list[ProxyThread] = []
 
     def make(host: str, **overrides: Any) -> ProxyThread:
-        settings = node_settings(tmp_path / host, relay_backend=backend_name, fleet_bucket=bucket[1],
+        settings = node_settings(tmp_path / f"node{len(started)}", relay_backend=backend_name,
+                                 fleet_bucket=bucket[1],
                                  s3_endpoint=s3_endpoint, fleet_host=host, fleet_heartbeat=0.5,
                                  **overrides)
         node = ProxyThread(settings)
@@ -147,13 +150,15 @@ def test_first_logins_at_the_same_moment_agree(fleet: Any, bucket: tuple[Any, st
 
 def test_server_list_heartbeats_and_drain(fleet: Any, bucket: tuple[Any, str]) -> None:
     a, b = fleet("a.test"), fleet("b.test")
-    wait_until(lambda: servers(bucket) == "a.test\nb.test\n", 10, "both nodes listed")
+    # not on the default port 2222, so each name carries its port
+    listed_a, listed_b = f"a.test:{a.device_port}", f"b.test:{b.device_port}"
+    wait_until(lambda: servers(bucket) == f"{listed_a}\n{listed_b}\n", 10, "both nodes listed")
     device = FieldDevice(a.device_port, android_id="drained-phone").start()
     try:
         assert a.call(a.node.drain(2.0)) is True
         wait_until(lambda: device.notices, 5, "the reconnect")
-        assert device.notices == [{"action": "reconnect", "newserver": "b.test"}]
-        assert servers(bucket) == "b.test\n"
+        assert device.notices == [{"action": "reconnect", "newserver": listed_b}]
+        assert servers(bucket) == f"{listed_b}\n"
     finally:
         device.stop()
     b.close()
@@ -187,3 +192,57 @@ def test_unreachable_bucket_stops_serve_with_a_clear_error(tmp_path: Path) -> No
     )
     assert done.returncode == 1
     assert "cannot join the fleet" in done.stderr and "nowhere" in done.stderr
+
+
+def test_agent_follows_the_server_list_and_the_drain(
+    fleet: Any, bucket: tuple[Any, str], tmp_path: Path, backend_name: str
+) -> None:
+    """swiftftp-agent --servers URL: it picks a node from the list; when that node
+    drains, it moves to the node named in ``reconnect`` and keeps its prefix."""
+    nodes = [fleet("127.0.0.1"), fleet("127.0.0.1")]
+    wait_until(lambda: servers(bucket).count("\n") == 2, 10, "both nodes listed")
+    root = tmp_path / "ftproot"
+    root.mkdir()
+    (root / "data.bin").write_bytes(os.urandom(1 << 20))
+    ftpd = FtpServerThread(root)
+    loop = LoopThread("fleet-agent")
+    urls: list[str] = []
+    # the list as devices fetch it: plain HTTP, no credentials (a presigned URL here;
+    # a public object or a CDN in production)
+    client, name = bucket
+    servers_url = client.generate_presigned_url("get_object", Params={"Bucket": name, "Key": "servers"},
+                                                ExpiresIn=600)
+    agent = Agent(
+        AgentSettings(proxy_host="", proxy_port=2222, ftp_host="127.0.0.1", ftp_port=ftpd.port,
+                      state_dir=tmp_path / "agent", user=FTP_USER, relay_backend=backend_name,
+                      servers_url=servers_url),
+        on_ready=urls.append,
+    )
+    task = asyncio.run_coroutine_threadsafe(agent.run(), loop.loop)
+
+    def transfer_through(node: ProxyThread) -> None:
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", node.ftp_port, timeout=20)
+        ftp.login(f"{agent.prefix}_{FTP_USER}", FTP_PASSWORD)
+        got = io.BytesIO()
+        ftp.retrbinary("RETR data.bin", got.write)
+        upload = os.urandom(1 << 20)
+        ftp.storbinary(f"STOR up-{node.device_port}.bin", io.BytesIO(upload))
+        ftp.quit()
+        assert sha(got.getvalue()) == sha((root / "data.bin").read_bytes())
+        assert sha((root / f"up-{node.device_port}.bin").read_bytes()) == sha(upload)
+
+    try:
+        wait_until(lambda: urls, 15, "the agent online")
+        first = next(n for n in nodes if n.device_port == agent.proxy_port)
+        other = next(n for n in nodes if n is not first)
+        prefix = agent.prefix
+        transfer_through(first)
+        assert first.call(first.node.drain(5.0)) is True
+        wait_until(lambda: len(urls) == 2, 15, "the agent on the other node")
+        assert agent.proxy_port == other.device_port and agent.prefix == prefix
+        transfer_through(other)
+    finally:
+        task.cancel()
+        loop.stop()
+        ftpd.close()
