@@ -140,6 +140,9 @@ class PyRelay:
             # a request written in two pieces must not wait ~40 ms (Nagle + delayed ACK)
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # urgent data (MSG_OOB) stays in the byte stream, as every other byte
+            with contextlib.suppress(OSError):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         self._backend = backend
         self._counts = [0, 0]
         self._last = time.monotonic()

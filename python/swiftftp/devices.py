@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import aio
 from .channel import DeviceChannel
-from .errors import ErrorCode, FleetError, PeerClosed, ProtocolError
+from .errors import ErrorCode, PeerClosed, ProtocolError
 from .net import accept_first, dial, normalize_ip
 from .node import Busy
 from .protocol import action_of, error, field
@@ -57,11 +57,9 @@ async def login(node: ProxyNode, chan: DeviceChannel) -> tuple[str, str]:
                 raise ProtocolError(ErrorCode.INTERNAL, "too many new devices from this address")
         if action == "create_account":  # deprecated: answers a secret, then a login follows
             try:
-                secret = await asyncio.to_thread(node.registry.create_account, android_id)
+                secret = await node.create_account(android_id)
             except AccountExists:
                 raise ProtocolError(ErrorCode.ACCOUNT_EXISTS, "account already exists") from None
-            except FleetError:
-                raise ProtocolError(ErrorCode.INTERNAL, "device registry unavailable; try again") from None
             await chan.send({"secret": secret})
             continue
         if action == "authenticate":

@@ -209,8 +209,17 @@ class ProxyNode:
         try again (error 0)."""
         if self.registry.shared is None or self.registry.known(android_id):
             return self.registry.prefix_for(android_id)
+        return await self._ask_fleet(self.registry.prefix_for, android_id)
+
+    async def create_account(self, android_id: str) -> str:
+        """Legacy ``create_account`` (a secret); in a fleet, off the loop like prefix_for."""
+        if self.registry.shared is None:
+            return self.registry.create_account(android_id)
+        return await self._ask_fleet(self.registry.create_account, android_id)
+
+    async def _ask_fleet(self, call: Callable[[str], str], android_id: str) -> str:
         try:
-            return await asyncio.to_thread(self.registry.prefix_for, android_id)
+            return await asyncio.to_thread(call, android_id)
         except FleetError as exc:
             log.error("cannot register %s: %s", android_id, exc)
             raise ProtocolError(ErrorCode.INTERNAL, "device registry unavailable; try again") from None
