@@ -71,6 +71,9 @@ def snapshot(node: ProxyNode) -> dict[str, Any]:
         "quota_refusals": stats.quota_refusals,
         "login_failures": stats.login_failures,
         "ips_locked_out": node.guard.locked_out,
+        "draining": node.draining,
+        # the server list as of the last heartbeat; None outside a fleet
+        "fleet_servers": list(node.fleet_servers) if node.settings.fleet_bucket else None,
     }
 
 
@@ -116,6 +119,11 @@ class NodeCollector:
                                   value=s["login_failures"])
         yield GaugeMetricFamily("swiftftp_ips_locked_out", "Client IPs locked out for guessing",
                                 value=s["ips_locked_out"])
+        yield GaugeMetricFamily("swiftftp_draining", "1 while the node drains before stopping",
+                                value=int(s["draining"]))
+        if s["fleet_servers"] is not None:
+            yield GaugeMetricFamily("swiftftp_fleet_servers", "Nodes on the fleet's server list",
+                                    value=len(s["fleet_servers"]))
 
 
 async def sample_throughput(node: ProxyNode, interval: float = 1.0) -> None:
@@ -194,6 +202,10 @@ def render_table(s: dict[str, Any]) -> str:
         ("login failures", s["login_failures"]),
         ("IPs locked out", s["ips_locked_out"]),
     ]
+    if s.get("draining"):
+        rows.append(("draining", "yes"))
+    if s.get("fleet_servers") is not None:
+        rows.append(("fleet servers", ", ".join(s["fleet_servers"]) or "(none)"))
     for reason, n in sorted(s["sessions_refused"].items()):
         rows.append((f"refused: {reason}", n))
     width = max(len(k) for k, _ in rows)

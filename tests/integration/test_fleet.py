@@ -22,6 +22,7 @@ import boto3
 import pytest
 
 from swiftftp.agent import Agent, AgentSettings
+from swiftftp.stats import snapshot
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
 from tests.stack import FTP_PASSWORD, FTP_USER, FtpServerThread, LoopThread, ProxyThread, node_settings
@@ -153,6 +154,7 @@ def test_server_list_heartbeats_and_drain(fleet: Any, bucket: tuple[Any, str]) -
     # not on the default port 2222, so each name carries its port
     listed_a, listed_b = f"a.test:{a.device_port}", f"b.test:{b.device_port}"
     wait_until(lambda: servers(bucket) == f"{listed_a}\n{listed_b}\n", 10, "both nodes listed")
+    wait_until(lambda: a.run(lambda n: snapshot(n)["fleet_servers"]) == [listed_a, listed_b], 5)
     device = FieldDevice(a.device_port, android_id="drained-phone").start()
     try:
         assert a.call(a.node.drain(2.0)) is True

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from swiftftp.stats import snapshot
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
 from tests.stack import AgentThread, FtpServerThread, ProxyThread, node_settings
@@ -370,6 +371,7 @@ def test_drain_is_bounded_and_turns_newcomers_away(make_proxy, devices) -> None:
     early.close()
     assert drain.result(10) is False  # the idle client is still there
     assert proxy.run(lambda n: n.busy) == 1
+    assert proxy.run(lambda n: snapshot(n)["draining"]) is True
     idle.close()
 
 
