@@ -41,9 +41,7 @@ class Guard:
         return None
 
     def release(self, ip: str) -> None:
-        self.connections[ip] -= 1
-        if self.connections[ip] <= 0:
-            del self.connections[ip]
+        _decrement(self.connections, ip)
 
     def admit_login(self, ip: str) -> bool:
         """Count a device connection from ``ip`` that is yet to log in; False past the cap
@@ -54,9 +52,7 @@ class Guard:
         return True
 
     def login_done(self, ip: str) -> None:
-        self.logins[ip] -= 1
-        if self.logins[ip] <= 0:
-            del self.logins[ip]
+        _decrement(self.logins, ip)
 
     def locked(self, ip: str) -> bool:
         until = self._locked_until.get(ip)
@@ -88,6 +84,12 @@ class Guard:
     @property
     def locked_out(self) -> int:
         return sum(1 for ip in list(self._locked_until) if self.locked(ip))
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]  # no entry kept for every address ever seen
 
 
 class RecentEvents:

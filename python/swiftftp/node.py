@@ -123,6 +123,8 @@ class ProxyNode:
         #: This node's place in the fleet's server list; None outside a fleet.
         self.fleet: ServerList | None = None
         self.fleet_servers: list[str] = []
+        self.fleet_beats = 0  # heartbeats written
+        self._beat: asyncio.Future[list[str]] | None = None  # the one in flight
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -184,8 +186,13 @@ class ProxyNode:
     async def _heartbeat(self, fleet: ServerList) -> None:
         while True:
             await asyncio.sleep(fleet.interval)
+            if self.fleet is not fleet:
+                return  # left the list: no beat may put this node back on it
+            self._beat = asyncio.ensure_future(asyncio.to_thread(fleet.beat))
             try:
-                self.fleet_servers = await asyncio.to_thread(fleet.beat)
+                # shielded: a beat's thread runs to its end anyway; leaving waits for it
+                self.fleet_servers = await asyncio.shield(self._beat)
+                self.fleet_beats += 1
             except FleetError as exc:  # S3 unreachable: keep serving, try again next time
                 log.warning("fleet heartbeat failed: %s", exc)
 
@@ -196,6 +203,8 @@ class ProxyNode:
             return []
         try:
             async with asyncio.timeout(10):
+                if self._beat is not None:  # a beat in flight must land before we leave
+                    await asyncio.wait([self._beat])
                 servers = await asyncio.to_thread(fleet.leave)
         except (FleetError, TimeoutError) as exc:
             log.warning("could not leave the fleet's server list: %s", exc)

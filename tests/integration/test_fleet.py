@@ -161,6 +161,10 @@ def test_server_list_heartbeats_and_drain(fleet: Any, bucket: tuple[Any, str]) -
         wait_until(lambda: device.notices, 5, "the reconnect")
         assert device.notices == [{"action": "reconnect", "newserver": listed_b}]
         assert servers(bucket) == f"{listed_b}\n"
+        # the drained node's heartbeat has stopped: it does not come back on the list
+        beats = b.run(lambda n: n.fleet_beats)
+        wait_until(lambda: b.run(lambda n: n.fleet_beats) >= beats + 3, 10, "three more beats of b")
+        assert servers(bucket) == f"{listed_b}\n"
     finally:
         device.stop()
     b.close()

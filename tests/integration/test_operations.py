@@ -263,15 +263,19 @@ def test_over_quota_through_the_agent_reaches_the_client(make_proxy, tmp_path: P
 # ---- caps and the guessing lockout ----------------------------------------------------------
 
 
+def refused_command_session(proxy: ProxyThread, android_id: str) -> str:
+    """Log in and ask for a command session; the error 0 text the node refuses it with."""
+    with FieldDevice(proxy.device_port, android_id=android_id).connect() as sock:
+        write_one(sock, {"action": "start_command_session"})
+        reply = read_one(sock)
+    assert reply["error_code"] == 0, reply
+    return reply["error_string"]
+
+
 def test_max_command_sessions(make_proxy, devices) -> None:
     proxy = make_proxy(max_command_sessions=1)
     start_device(devices, proxy, "first-phone", {})
-    second = FieldDevice(proxy.device_port, android_id="second-phone")
-    sock = second.connect()
-    write_one(sock, {"action": "start_command_session"})
-    reply = read_one(sock)
-    assert reply["error_code"] == 0 and "too many devices" in reply["error_string"]
-    sock.close()
+    assert "too many devices" in refused_command_session(proxy, "second-phone")
     assert proxy.run(lambda n: n.stats.refused["too many devices on this node"]) == 1
 
 
@@ -360,12 +364,7 @@ def test_drain_is_bounded_and_turns_newcomers_away(make_proxy, devices) -> None:
     assert early.recv(200).startswith(b"220")  # greeted before the drain, logs in during it
     drain = proxy.submit(proxy.node.drain(1.0))
     wait_until(lambda: {"action": "reconnect"} in device.notices, 5, "reconnect sent")
-    again = FieldDevice(proxy.device_port, android_id="drain-op")
-    sock = again.connect()
-    write_one(sock, {"action": "start_command_session"})
-    reply = read_one(sock)
-    assert reply["error_code"] == 0 and "shutting down" in reply["error_string"]
-    sock.close()
+    assert "shutting down" in refused_command_session(proxy, "drain-op")
     early.sendall(f"USER {device.prefix}_op\r\n".encode())
     assert early.recv(200).startswith(b"421 This node is shutting down")
     early.close()
