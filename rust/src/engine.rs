@@ -227,7 +227,7 @@ impl Drop for Engine {
 mod tests {
     use super::*;
     use crate::bucket::Bucket;
-    use crate::testutil::tcp_pair;
+    use crate::testutil::{send_urgent, tcp_pair};
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpStream};
 
@@ -344,5 +344,25 @@ mod tests {
         h.cancel();
         assert_eq!(wait_done(&h), Outcome::Cancelled);
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn urgent_data_mid_stream_goes_through() {
+        let engine = Engine::new(1, 0).unwrap();
+        let n = Arc::new(Notifier::new().unwrap());
+        let (mut c, mut s, h) = relay(&engine, Limits::default(), &n);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 7];
+        for round in 0..3 {
+            // No EOF to come: only EPOLLPRI tells the worker of the mark.
+            c.write_all(b"abc").unwrap();
+            send_urgent(&c, b"!");
+            c.write_all(b"def").unwrap();
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"abc!def", "round {round}");
+        }
+        h.cancel();
+        assert_eq!(wait_done(&h), Outcome::Cancelled);
+        assert_eq!(h.counters.get(), (21, 0));
     }
 }

@@ -6,6 +6,13 @@
 //! Readiness is edge-triggered (epoll via mio), so the session remembers it:
 //! a side stays "readable" until a splice from it says EAGAIN, "writable"
 //! until a splice to it says EAGAIN. Spurious readiness is harmless.
+//!
+//! Urgent data (TCP MSG_OOB, telnet's Synch before an FTP ABOR) stays in the
+//! byte stream (SO_OOBINLINE), but splice cannot read past its mark: it says
+//! EAGAIN there, or 0 if the FIN came too. So a side that reported urgent
+//! data (EPOLLPRI), or a 0 from splice, sends the direction to recv() once its
+//! pipe is empty; recv() steps over the mark, and splicing resumes. The usual
+//! path pays nothing for it but one recv() per direction at EOF.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,7 +96,8 @@ struct Direction {
     /// Tokens reserved and not yet covered: the direction sleeps.
     pending: Option<Reservation>,
     /// The source said EAGAIN while the pipe held bytes: it is the pipe that
-    /// is full, or the socket is empty; either way, wait for the pipe to drain.
+    /// is full, or the socket is empty, or at its urgent mark (which only an
+    /// empty pipe lets it step over); either way, wait for the pipe to drain.
     pipe_full: bool,
     eof: bool,
     shut: bool,
@@ -101,6 +109,9 @@ pub struct Session {
     socks: [OwnedFd; 2],
     readable: [bool; 2],
     writable: [bool; 2],
+    /// The side reported urgent data: until recv() on it says EAGAIN, an
+    /// EAGAIN from splice may be the urgent mark, not an empty socket.
+    urgent: [bool; 2],
     dirs: [Direction; 2],
     idle: Option<Duration>,
     last_active: Instant,
@@ -133,6 +144,9 @@ impl Session {
             // length, then 126 bytes) waited for a delayed ACK: +40 ms per
             // exchange. Not TCP (a socketpair in tests): nothing to do.
             let _ = setsockopt(s, sockopt::TcpNoDelay, &true);
+            // Urgent data (MSG_OOB) is read in its place in the stream, like
+            // every other byte; without this recv() would skip it.
+            let _ = setsockopt(s, sockopt::OobInline, &true);
         }
         let dir = |chain: Chain| -> Result<Direction, Errno> {
             Ok(Direction {
@@ -149,6 +163,7 @@ impl Session {
             socks: [a, b],
             readable: [true, true],
             writable: [true, true],
+            urgent: [false, false],
             dirs: [dir(up)?, dir(down)?],
             idle,
             last_active: now,
@@ -182,6 +197,14 @@ impl Session {
                 Err(e) => self.error = Some(e),
             }
         }
+    }
+
+    /// The poller reported urgent data on `side` (EPOLLPRI): splice stops at
+    /// its mark, so the next EAGAIN from it is checked with recv().
+    pub fn urgent(&mut self, side: usize) {
+        self.urgent[side] = true;
+        self.readable[side] = true;
+        self.dirs[side].pipe_full = false;
     }
 
     /// True while a direction sleeps for tokens (a rate change concerns it).
@@ -293,7 +316,20 @@ impl Session {
                         max = max.min(d.grant as usize);
                     }
                 }
-                match d.pipe.fill(self.socks[src].as_fd(), max) {
+                let src_fd = self.socks[src].as_fd();
+                let mut got = d.pipe.fill(src_fd, max);
+                // 0 or EAGAIN may be the urgent mark (see the module docs): recv()
+                // tells, and steps over it. Into an empty pipe only (else EAGAIN:
+                // wait for the pipe to drain, then splice and come here again).
+                let maybe_mark = match got {
+                    Ok(0) => true,
+                    Err(Errno::EAGAIN) => self.urgent[src],
+                    _ => false,
+                };
+                if maybe_mark {
+                    got = d.pipe.fill_by_recv(src_fd, max);
+                }
+                match got {
                     Ok(0) => {
                         d.eof = true;
                         d.chain.refund(std::mem::take(&mut d.grant), now);
@@ -307,6 +343,7 @@ impl Session {
                     Err(Errno::EAGAIN) if d.pipe.is_empty() => {
                         // Really nothing to read: an idle session holds no tokens.
                         self.readable[src] = false;
+                        self.urgent[src] = false;
                         d.chain.refund(std::mem::take(&mut d.grant), now);
                     }
                     Err(Errno::EAGAIN) => d.pipe_full = true,
@@ -330,7 +367,8 @@ impl Session {
 mod tests {
     use super::*;
     use crate::bucket::Bucket;
-    use crate::testutil::{reset, tcp_pair};
+    use crate::testutil::{reset, send_urgent, tcp_pair};
+    use nix::poll::{poll, PollFd, PollFlags};
     use std::io::{ErrorKind, Read, Write};
     use std::net::{Shutdown as NetShutdown, TcpStream};
 
@@ -365,11 +403,16 @@ mod tests {
         }
     }
 
-    /// Drive the session (as a worker would, with every side "ready") until
-    /// it finishes or `until` holds; sleeps a little between rounds.
+    /// Drive the session (as a worker would, with every side "ready", and
+    /// urgent data reported as epoll's EPOLLPRI would) until it finishes or
+    /// `until` holds; sleeps a little between rounds.
     fn drive(s: &mut Session, mut until: impl FnMut() -> bool) -> Status {
         for _ in 0..5000 {
             for side in 0..2 {
+                let mut fds = [PollFd::new(s.socks[side].as_fd(), PollFlags::POLLPRI)];
+                if poll(&mut fds, 0u8) == Ok(1) {
+                    s.urgent(side);
+                }
                 s.ready(side, true, true, false);
             }
             let st = s.run(Instant::now());
@@ -569,5 +612,130 @@ mod tests {
         r.session.end(Outcome::TimedOut, Instant::now());
         assert_eq!(r.session.run(Instant::now()), Status::Finished);
         assert_eq!(r.session.outcome(), Some(&Outcome::TimedOut));
+    }
+
+    #[test]
+    fn urgent_data_is_relayed_in_its_place() {
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        r.client.write_all(b"before-").unwrap();
+        send_urgent(&r.client, b"!");
+        r.client.write_all(b"-after").unwrap();
+        let mut got = Vec::new();
+        let server = &mut r.server;
+        // No EOF: splice says EAGAIN at the mark, and only the report of
+        // urgent data tells it from an empty socket.
+        drive(&mut r.session, || {
+            read_available(server, &mut got);
+            got.len() >= 14
+        });
+        assert_eq!(got, b"before-!-after");
+        send_urgent(&r.client, b"?");
+        r.client.write_all(b"end").unwrap();
+        r.client.shutdown(NetShutdown::Write).unwrap();
+        r.server.shutdown(NetShutdown::Write).unwrap();
+        let server = &mut r.server;
+        assert_eq!(
+            drive(&mut r.session, || read_available(server, &mut got)),
+            Status::Finished
+        );
+        read_available(&mut r.server, &mut got);
+        assert_eq!(got, b"before-!-after?end");
+        assert_eq!(r.session.outcome(), Some(&Outcome::Done(18, 0)));
+    }
+
+    #[test]
+    fn zero_from_splice_at_the_urgent_mark_is_not_eof() {
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        r.client.write_all(b"before-").unwrap();
+        send_urgent(&r.client, b"!");
+        r.client.write_all(b"-after").unwrap();
+        r.client.shutdown(NetShutdown::Write).unwrap();
+        r.server.shutdown(NetShutdown::Write).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        // Never told of the urgent data: the 0 from splice alone sends it to recv().
+        let mut status = Status::Busy;
+        for _ in 0..100 {
+            for side in 0..2 {
+                r.session.ready(side, true, true, false);
+            }
+            status = r.session.run(Instant::now());
+            if status == Status::Finished {
+                break;
+            }
+        }
+        assert_eq!(status, Status::Finished);
+        assert_eq!(r.session.outcome(), Some(&Outcome::Done(14, 0)));
+        let mut got = Vec::new();
+        r.server.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"before-!-after");
+    }
+
+    #[test]
+    fn throttled_direction_takes_tokens_for_urgent_bytes() {
+        let t0 = Instant::now();
+        // Slow refill: the tokens left show what was taken.
+        let bucket = Arc::new(Bucket::new(1_000.0, Some(10_000.0), t0).unwrap());
+        let mut r = rig(Chain::new(vec![bucket.clone()]), Chain::default(), None);
+        r.client.write_all(&[1u8; 3000]).unwrap();
+        send_urgent(&r.client, b"!");
+        r.client.write_all(&[2u8; 3000]).unwrap();
+        let mut got = Vec::new();
+        let server = &mut r.server;
+        drive(&mut r.session, || {
+            read_available(server, &mut got);
+            got.len() >= 6001
+        });
+        assert_eq!(got.len(), 6001);
+        assert_eq!(got[3000], b'!');
+        // Idle again: the tokens granted and not used went back.
+        assert!(!r.session.is_throttled());
+        assert_eq!(r.session.dirs[0].grant, 0);
+        let left = bucket.tokens(Instant::now());
+        let refill = t0.elapsed().as_secs_f64() * 1_000.0;
+        assert!(
+            (left - (10_000.0 - 6001.0)).abs() <= refill + 1.0,
+            "{left} tokens left"
+        );
+    }
+
+    #[test]
+    fn urgent_bytes_in_a_large_transfer_both_ways() {
+        const SIZE: usize = 4 << 20;
+        const EVERY: usize = 512 << 10;
+        let mut r = rig(Chain::default(), Chain::default(), None);
+        let stream = |seed: u32| -> Vec<u8> {
+            (0..SIZE as u32)
+                .map(|i| (i.wrapping_add(seed).wrapping_mul(2654435761) >> 13) as u8)
+                .collect()
+        };
+        let send = |mut sock: TcpStream, data: Vec<u8>| {
+            std::thread::spawn(move || {
+                for chunk in data.chunks(EVERY) {
+                    let (urgent, rest) = chunk.split_last().unwrap();
+                    sock.write_all(rest).unwrap();
+                    send_urgent(&sock, &[*urgent]);
+                }
+                sock.shutdown(NetShutdown::Write).unwrap();
+            })
+        };
+        let (up, down) = (stream(1), stream(2));
+        let w1 = send(r.client.try_clone().unwrap(), up.clone());
+        let w2 = send(r.server.try_clone().unwrap(), down.clone());
+        let (mut at_server, mut at_client) = (Vec::new(), Vec::new());
+        let (server, client) = (&mut r.server, &mut r.client);
+        let st = drive(&mut r.session, || {
+            read_available(server, &mut at_server);
+            read_available(client, &mut at_client);
+            false
+        });
+        assert_eq!(st, Status::Finished);
+        read_available(&mut r.server, &mut at_server);
+        read_available(&mut r.client, &mut at_client);
+        w1.join().unwrap();
+        w2.join().unwrap();
+        assert!(at_server == up, "up differs: {} bytes", at_server.len());
+        assert!(at_client == down, "down differs: {} bytes", at_client.len());
+        let size = SIZE as u64;
+        assert_eq!(r.session.outcome(), Some(&Outcome::Done(size, size)));
     }
 }

@@ -1,9 +1,9 @@
 //! Helpers shared by the unit tests: real loopback TCP connections.
 
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{send, setsockopt, sockopt, MsgFlags};
 
 /// Two ends of one loopback TCP connection.
 pub fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -21,4 +21,11 @@ pub fn reset(stream: TcpStream) {
     };
     setsockopt(&stream.as_fd(), sockopt::Linger, &linger).unwrap();
     drop(stream);
+}
+
+/// Send `data` as TCP urgent data (MSG_OOB): its last byte is the urgent
+/// byte, and the receiver's urgent mark sits before it.
+pub fn send_urgent(stream: &TcpStream, data: &[u8]) {
+    let n = send(stream.as_raw_fd(), data, MsgFlags::MSG_OOB).unwrap();
+    assert_eq!(n, data.len());
 }

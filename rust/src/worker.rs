@@ -139,6 +139,9 @@ impl Worker {
                 }
                 let (id, side) = ((ev.token().0 >> 1) as u64, ev.token().0 & 1);
                 if let Some(entry) = self.sessions.get_mut(&id) {
+                    if ev.is_priority() {
+                        entry.session.urgent(side);
+                    }
                     entry.session.ready(
                         side,
                         ev.is_readable() || ev.is_read_closed(),
@@ -197,7 +200,8 @@ impl Worker {
             result = registry.register(
                 &mut SourceFd(fd),
                 token(id, side),
-                Interest::READABLE | Interest::WRITABLE,
+                // PRIORITY: urgent data, which splice cannot read past (see session).
+                Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY,
             );
             if result.is_err() {
                 break;
