@@ -19,11 +19,13 @@ on one prefix.  A node is alive while its heartbeat object is younger than
 three heartbeats, judged by the S3 server's own clock (``LastModified``), so
 the nodes' clocks do not matter.
 
-Everything here blocks on the network: the node calls it from a thread.
+Everything here but :class:`Membership` blocks on the network: the node calls
+it from a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -156,3 +158,50 @@ class ServerList:
             alive = sorted(host for host, when in nodes if when >= cutoff)
         self.bucket.put(self.key, "".join(f"{host}\n" for host in alive).encode(), "text/plain")
         return alive
+
+
+class Membership:
+    """A running node's place in the fleet: its heartbeat loop, and its leaving."""
+
+    def __init__(self, server_list: ServerList) -> None:
+        self.server_list = server_list
+        self.host = server_list.host
+        #: The server list as of the last heartbeat.
+        self.servers: list[str] = []
+        self.beats = 0
+        self.left = False
+        self._beat: asyncio.Future[list[str]] | None = None  # the one in flight
+
+    async def join(self) -> None:
+        self.servers = await asyncio.to_thread(self.server_list.beat)
+
+    async def run(self) -> None:
+        """Beat every interval until :meth:`leave`; an unreachable S3 only logs."""
+        while True:
+            await asyncio.sleep(self.server_list.interval)
+            if self.left:
+                return  # no beat may put this node back on the list
+            self._beat = asyncio.ensure_future(asyncio.to_thread(self.server_list.beat))
+            try:
+                # shielded: a beat's thread runs to its end anyway; leave() waits for it
+                self.servers = await asyncio.shield(self._beat)
+                self.beats += 1
+            except FleetError as exc:
+                log.warning("fleet heartbeat failed: %s", exc)
+
+    async def leave(self) -> list[str]:
+        """Off the server list (once); the other nodes, where devices may go."""
+        if self.left:
+            return []
+        self.left = True
+        try:
+            async with asyncio.timeout(10):
+                if self._beat is not None:  # a beat in flight must land first
+                    await asyncio.wait([self._beat])
+                servers = await asyncio.to_thread(self.server_list.leave)
+        except (FleetError, TimeoutError) as exc:
+            log.warning("could not leave the fleet's server list: %s", exc)
+            return []
+        log.info("left the fleet's server list")
+        self.servers = servers
+        return [host for host in servers if host != self.host]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import admin, aio, logs, relay
 from .config import OPTIONS, Settings, reloadable_changes
 from .errors import ConfigError, ErrorCode, FleetError, ProtocolError
-from .fleet import Bucket, ServerList, SharedPrefixes
+from .fleet import Bucket, Membership, ServerList, SharedPrefixes
 from .limits import Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
@@ -120,11 +120,8 @@ class ProxyNode:
         self.ftp_port = settings.ftp_port
         self.device_port = settings.device_port
         self.stats_address: tuple[str, int] | None = None
-        #: This node's place in the fleet's server list; None outside a fleet.
-        self.fleet: ServerList | None = None
-        self.fleet_servers: list[str] = []
-        self.fleet_beats = 0  # heartbeats written
-        self._beat: asyncio.Future[list[str]] | None = None  # the one in flight
+        #: This node's place in the fleet; None outside a fleet.
+        self.fleet: Membership | None = None
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -177,40 +174,12 @@ class ProxyNode:
         if split_server(host, 0)[1] == 0 and self.device_port != 2222:
             host = f"{bracketed(host)}:{self.device_port}"  # devices assume 2222 otherwise
         ports = {"ftp_port": self.ftp_port, "device_port": self.device_port}
-        self.fleet = ServerList(bucket, host, ports, s.fleet_heartbeat, s.fleet_servers_key)
-        self.fleet_servers = await asyncio.to_thread(self.fleet.beat)
-        self.spawn(self._heartbeat(self.fleet), "fleet-heartbeat")
+        fleet = Membership(ServerList(bucket, host, ports, s.fleet_heartbeat, s.fleet_servers_key))
+        await fleet.join()
+        self.fleet = fleet
+        self.spawn(fleet.run(), "fleet-heartbeat")
         log.info("in the fleet of bucket %s as %s; servers: %s", bucket.name, host,
-                 ", ".join(self.fleet_servers))
-
-    async def _heartbeat(self, fleet: ServerList) -> None:
-        while True:
-            await asyncio.sleep(fleet.interval)
-            if self.fleet is not fleet:
-                return  # left the list: no beat may put this node back on it
-            self._beat = asyncio.ensure_future(asyncio.to_thread(fleet.beat))
-            try:
-                # shielded: a beat's thread runs to its end anyway; leaving waits for it
-                self.fleet_servers = await asyncio.shield(self._beat)
-                self.fleet_beats += 1
-            except FleetError as exc:  # S3 unreachable: keep serving, try again next time
-                log.warning("fleet heartbeat failed: %s", exc)
-
-    async def _leave_fleet(self) -> list[str]:
-        """Off the server list (once); the other nodes, where devices may go."""
-        fleet, self.fleet = self.fleet, None
-        if fleet is None:
-            return []
-        try:
-            async with asyncio.timeout(10):
-                if self._beat is not None:  # a beat in flight must land before we leave
-                    await asyncio.wait([self._beat])
-                servers = await asyncio.to_thread(fleet.leave)
-        except (FleetError, TimeoutError) as exc:
-            log.warning("could not leave the fleet's server list: %s", exc)
-            return []
-        log.info("left the fleet's server list")
-        return [host for host in servers if host != fleet.host]
+                 ", ".join(fleet.servers))
 
     async def prefix_for(self, android_id: str) -> str:
         """The device's prefix.  In a fleet, a first login on this node asks the bucket,
@@ -252,7 +221,7 @@ class ProxyNode:
                 async with asyncio.timeout(5):
                     await command.notify(message)
 
-        others = await self._leave_fleet()
+        others = await self.fleet.leave() if self.fleet else []
         commands = [d.command for d in self.devices.values() if d.command is not None]
         log.info("draining: %d devices asked to reconnect%s, %d clients and transfers to finish",
                  len(commands), " elsewhere in the fleet" if others else "", self.busy)
@@ -274,7 +243,8 @@ class ProxyNode:
 
     async def close(self) -> None:
         """Stop listening, end every session, flush the quota, wait for every task."""
-        await self._leave_fleet()
+        if self.fleet:
+            await self.fleet.leave()
         for server in self._servers:
             server.close()
         tasks = list(self._tasks)

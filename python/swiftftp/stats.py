@@ -73,7 +73,7 @@ def snapshot(node: ProxyNode) -> dict[str, Any]:
         "ips_locked_out": node.guard.locked_out,
         "draining": node.draining,
         # the server list as of the last heartbeat; None outside a fleet
-        "fleet_servers": list(node.fleet_servers) if node.settings.fleet_bucket else None,
+        "fleet_servers": list(node.fleet.servers) if node.fleet else None,
     }
 
 

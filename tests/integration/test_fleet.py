@@ -162,8 +162,8 @@ def test_server_list_heartbeats_and_drain(fleet: Any, bucket: tuple[Any, str]) -
         assert device.notices == [{"action": "reconnect", "newserver": listed_b}]
         assert servers(bucket) == f"{listed_b}\n"
         # the drained node's heartbeat has stopped: it does not come back on the list
-        beats = b.run(lambda n: n.fleet_beats)
-        wait_until(lambda: b.run(lambda n: n.fleet_beats) >= beats + 3, 10, "three more beats of b")
+        beats = b.run(lambda n: n.fleet.beats)
+        wait_until(lambda: b.run(lambda n: n.fleet.beats) >= beats + 3, 10, "three more beats of b")
         assert servers(bucket) == f"{listed_b}\n"
     finally:
         device.stop()
