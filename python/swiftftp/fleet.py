@@ -112,18 +112,18 @@ class SharedPrefixes:
         """The device's prefix, allotting one on its first login anywhere in the fleet;
         ``candidate(attempt)`` proposes a random prefix."""
         key = f"devices/{android_id.encode().hex()}"
-        if (known := self.bucket.get(key)) is not None:
-            return known["prefix"]
         for attempt in range(100):
+            if (known := self.bucket.get(key)) is not None:
+                return known["prefix"]
             prefix = candidate(attempt)
             if not self.bucket.create(f"prefixes/{prefix}", {"android_id": android_id}):
                 continue  # another device has it
             if self.bucket.create(key, {"prefix": prefix}):
                 log.info("device %s: prefix %s allotted in the fleet", android_id, prefix)
                 return prefix
-            # another node registered this device at the same moment: its prefix stands
+            # another node is registering this device at the same moment (412, or 409
+            # while its write is under way): give our claim back, read theirs next round
             self.bucket.delete(f"prefixes/{prefix}")
-            return self.bucket.get(key)["prefix"]
         raise RuntimeError("could not allot a unique prefix")
 
 

@@ -198,7 +198,7 @@ class ProxyNode:
     async def _ask_fleet(self, call: Callable[[str], str], android_id: str) -> str:
         try:
             return await asyncio.to_thread(call, android_id)
-        except FleetError as exc:
+        except (FleetError, RuntimeError) as exc:  # S3 unreachable, or no prefix to be had
             log.error("cannot register %s: %s", android_id, exc)
             raise ProtocolError(ErrorCode.INTERNAL, "device registry unavailable; try again") from None
 
