@@ -1,12 +1,16 @@
 """A test device that behaves like the deployed phone app, not like our agent.
 
-What it copies from the field (PROTOCOL.md): it writes one JSON object per
-write with no delimiter; it reads at most 2048 bytes per ``recv()`` and parses
-exactly one object from what that read returned, dropping the rest; it sends
-no FTP banner on a proxied control connection; it answers ``PASV`` itself
-with the *local* address of its control socket (a private address on a phone,
-``private_address`` here), and ``EPSV``/``EPRT`` with 502.  It serves an
-in-memory file system.  Blocking sockets and threads, as on the phone.
+What it copies from the field (docs/protocol.md): it writes one JSON object
+per write with no delimiter; it reads at most 2048 bytes per ``recv()`` and
+parses exactly one object from what that read returned (here: a test failure
+if anything followed it); after ``control_connection_waiting`` its command
+thread itself connects to the port and logs in there before it reads its
+command session again; it sends no FTP banner on a proxied control connection;
+it answers ``PASV`` itself with the *local* address of its control socket (a
+private address on a phone, ``private_address`` here), and ``EPSV``/``EPRT``
+with 502.  It serves an in-memory file system.  Blocking sockets and threads,
+as on the phone.  ``dial`` replaces how it connects to the proxy (a slow link:
+tests/slowlink.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -49,6 +54,8 @@ class FieldDevice:
     commands: list[str] = field(default_factory=list)
     #: name → (time of the first chunk, time of the last, bytes after the first chunk)
     upload_times: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    #: connects to the proxy's port N (default: straight to 127.0.0.1:N)
+    dial: Callable[[int], socket.socket] | None = None
 
     def __post_init__(self) -> None:
         self._threads: list[threading.Thread] = []
@@ -56,8 +63,14 @@ class FieldDevice:
 
     # ---- command session --------------------------------------------------------------
 
-    def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.proxy_port), timeout=30)
+    def connect(self, port: int | None = None) -> socket.socket:
+        """A connection to the proxy (its device port, or ``port``), logged in."""
+        port = port or self.proxy_port
+        if self.dial is not None:
+            sock = self.dial(port)
+            sock.settimeout(30)
+        else:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         write_one(sock, {"action": "login", "android_id": self.android_id, "swiftp_version": "2.16"})
         reply = read_one(sock)
         assert reply == {}, reply
@@ -104,7 +117,13 @@ class FieldDevice:
             except (ConnectionError, OSError):
                 return
             if message.get("action") == "control_connection_waiting":
-                self._spawn(self._control, message["port"])
+                # field fact: this thread connects and logs in itself before reading again
+                try:
+                    sock = self.connect(message["port"])
+                except (AssertionError, OSError) as exc:
+                    self.errors.append(f"rendezvous on {message['port']}: {exc!r}")
+                    continue
+                self._spawn(self._control, sock)
             elif "action" not in message:
                 self.replies.append(message)
             else:
@@ -112,10 +131,7 @@ class FieldDevice:
 
     # ---- control connection: a minimal FTP server, no banner ---------------------------
 
-    def _control(self, port: int) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        write_one(sock, {"action": "login", "android_id": self.android_id, "swiftp_version": "2.16"})
-        assert read_one(sock) == {}
+    def _control(self, sock: socket.socket) -> None:
         FtpSession(self, sock).serve()
 
 

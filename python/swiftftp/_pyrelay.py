@@ -199,7 +199,7 @@ class PyRelay:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
                 return
-            await aio.sendall(dst, view[:n])
+            await aio.sendall(dst, view[:n], timeout=None)  # the idle timeout bounds it
             self._counts[index] += n
             totals[index] += n
             self._last = time.monotonic()

@@ -19,30 +19,31 @@ import orjson
 from .protocol import notice
 
 if TYPE_CHECKING:
-    from .node import ProxyNode
+    from .state import Node
 
 
 def socket_path(state_dir: Path) -> Path:
     return state_dir / "control.sock"
 
 
-async def _execute(node: ProxyNode, request: dict[str, Any]) -> dict[str, Any]:
+async def _execute(node: Node, request: dict[str, Any]) -> dict[str, Any]:
     command = request.get("command")
     if command == "message":
         prefix, text = request.get("prefix"), request.get("text")
         if not isinstance(prefix, str) or not isinstance(text, str):
             return {"ok": False, "error": "message needs prefix and text"}
-        device = node.online(prefix.lower())
+        device = node.table.online_device(prefix.lower())
         if device is None or device.command is None:
             return {"ok": False, "error": f"device {prefix!r} is not online on this node"}
-        await device.command.notify(notice(text))
+        device.command.notify(notice(text))
         return {"ok": True}
     if command == "online":
-        return {"ok": True, "prefixes": sorted(p for p in node.by_prefix if node.online(p))}
+        table = node.table
+        return {"ok": True, "prefixes": sorted(p for p in table.by_prefix if table.online_device(p))}
     return {"ok": False, "error": f"unknown command {command!r}"}
 
 
-async def serve(node: ProxyNode, path: Path) -> asyncio.Server:
+async def serve(node: Node, path: Path) -> asyncio.Server:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 

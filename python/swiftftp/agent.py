@@ -37,6 +37,8 @@ from .net import bracketed, dial, listen_on, normalize_ip, split_server
 
 log = logging.getLogger("swiftftp.agent")
 
+#: Every write to the proxy or the local server: a peer that takes nothing for this long is dropped.
+SEND_TIMEOUT = 30.0
 TRANSFER_VERBS = {"RETR", "STOR", "STOU", "APPE", "LIST", "NLST", "MLSD"}
 _227 = re.compile(rb"(\d+),(\d+),(\d+),(\d+),(\d+),(\d+)")
 _229 = re.compile(rb"\((.)\1\1(\d+)\1\)")
@@ -151,11 +153,14 @@ class Agent:
     async def _connect(self, port: int | None = None) -> DeviceChannel:
         """A logged-in connection to the proxy's device port (or ``port``)."""
         sock = await dial(self.proxy_host, port or self.proxy_port, self.settings.connect_timeout)
-        chan = DeviceChannel(sock, grace=0)
+        # The node's side needs no pacing either: this agent decodes a byte stream.
+        chan = DeviceChannel(sock, paced=False, send_timeout=self.settings.connect_timeout)
         try:
             await chan.send(
                 {"action": "login", "android_id": self.device_id,
-                 "swiftp_version": f"swiftftp-agent/{__version__}"}
+                 "swiftp_version": f"swiftftp-agent/{__version__}",
+                 # we decode concatenated objects: the node may write without pacing
+                 "json_stream": True}
             )
             await self._reply(chan)
         except BaseException:
@@ -220,18 +225,25 @@ class Agent:
             await chan.send({"action": "noop"})
 
     async def _control(self, port: int) -> None:
-        """Take one client: connect to the announced port and bridge it to the FTP server."""
+        """Take one client: connect to the announced port and bridge it to the FTP server
+        (dialled meanwhile: the two round trips overlap)."""
+        local = asyncio.ensure_future(
+            dial(self.settings.ftp_host, self.settings.ftp_port, self.settings.connect_timeout)
+        )
         try:
             chan = await self._connect(port)
         except (OSError, TimeoutError, AgentError, PeerClosed) as exc:
             log.warning("rendezvous on port %d failed: %s", port, exc)
+            local.cancel()
+            outcome = (await asyncio.gather(local, return_exceptions=True))[0]
+            if isinstance(outcome, socket.socket):
+                outcome.close()
             return
         proxy_sock, early = chan.detach()
         try:
-            server = await dial(self.settings.ftp_host, self.settings.ftp_port,
-                                self.settings.connect_timeout)
+            server = await local
         except (OSError, TimeoutError) as exc:
-            log.warning("local FTP server unreachable: %s", exc, exc_info=True)
+            log.warning("local FTP server unreachable: %s", exc or type(exc).__name__)
             with contextlib.suppress(OSError):
                 proxy_sock.sendall(b"421 The FTP server behind this device is not running.\r\n")
             proxy_sock.close()
@@ -298,11 +310,11 @@ class ControlBridge:
         while True:
             for line in lines.split(data):
                 if out := await rewrite(line):
-                    await aio.sendall(dst, out)
+                    await aio.sendall(dst, out, timeout=SEND_TIMEOUT)
             data = await aio.recv(src, 65536)
             if not data:
                 if tail := lines.flush():
-                    await aio.sendall(dst, tail)
+                    await aio.sendall(dst, tail, timeout=SEND_TIMEOUT)
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
                 return
@@ -421,7 +433,7 @@ class ControlBridge:
         proxy_data, early = chan.detach()
         try:
             if early:
-                await aio.sendall(server_data, early)
+                await aio.sendall(server_data, early, timeout=SEND_TIMEOUT)
         except OSError:
             proxy_data.close()
             server_data.close()

@@ -65,15 +65,25 @@ async def recv_into(sock: socket.socket, buffer: memoryview) -> int:
             await _wait(sock, write=False)
 
 
-async def sendall(sock: socket.socket, data: bytes | memoryview) -> None:
+async def sendall(sock: socket.socket, data: bytes | memoryview, *, timeout: float | None) -> None:
+    """Write all of ``data``; ``TimeoutError`` if the peer does not take it within
+    ``timeout`` seconds (None: only where another deadline bounds the caller)."""
     view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view)
-        except (BlockingIOError, InterruptedError):
-            await _wait(sock, write=True)
-            continue
-        view = view[sent:]
+    try:
+        sent = sock.send(view)  # the usual case: it all fits at once, no timer needed
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    if sent == len(view):
+        return
+    view = view[sent:]
+    async with asyncio.timeout(timeout):
+        while view:
+            try:
+                sent = sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                await _wait(sock, write=True)
+                continue
+            view = view[sent:]
 
 
 async def accept(listener: socket.socket) -> tuple[socket.socket, tuple]:

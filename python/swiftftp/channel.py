@@ -1,10 +1,13 @@
-"""One device TCP connection speaking JSON: decoded reads, paced writes.
+"""One short-lived device connection speaking JSON (a login, then a rendezvous or a
+data connection): decoded reads, bounded writes, and :meth:`DeviceChannel.settle`
+before raw bytes follow a final ``{}``.
 
-The deployed device parses one object per ``read()`` and drops the rest of
-what that read returned (PROTOCOL.md).  So a message is written on its own,
-and nothing else is written to the same socket until the device's TCP has
-acknowledged it and a grace period has passed: long enough for the device's
-reader, blocked in ``read()``, to have taken it alone.
+Every message the node writes on such a connection is the reply to the device's
+request, which it sent right after reading the previous reply: replies need no
+pacing here. Only raw bytes that follow the last reply (the client's ``USER``
+line, an upload's first bytes) must not share the device's read with it
+(docs/protocol.md): :meth:`DeviceChannel.settle` waits for that, by the rules of
+:mod:`swiftftp.outbox`. The device's command session is :mod:`swiftftp.command`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 from . import aio
 from .errors import PeerClosed
+from .outbox import GRACE, Outbox
 from .protocol import JsonStreamDecoder, encode
 
 _OUTQ = struct.pack("i", 0)
@@ -38,33 +42,36 @@ def tune_device_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 20)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
 class DeviceChannel:
-    """JSON messages over one device socket.
+    """A device connection until it becomes a relay: JSON in, JSON out.
 
-    ``recv()`` returns the next object; ``send()`` writes one object per
-    write and paces them; ``settle()`` waits until the last write has
-    reached the device alone, so raw bytes may follow; ``detach()`` hands
-    the socket and any bytes read past the last message to a relay.
+    ``paced`` is True until the device's login says it decodes a byte stream
+    (``json_stream``); ``send_timeout`` bounds every write and :meth:`settle`.
     """
 
-    #: How long to wait for the device's ACK before giving up on pacing.
-    ACK_WAIT = 5.0
-
-    def __init__(self, sock: socket.socket, *, grace: float = 0.03) -> None:
+    def __init__(
+        self, sock: socket.socket, *, send_timeout: float = 30.0, grace: float = GRACE, paced: bool = True
+    ) -> None:
         tune_device_socket(sock)
         self.sock: socket.socket | None = sock
-        self.grace = grace
+        self.send_timeout = send_timeout
+        self.outbox = Outbox(paced, grace)
         self._decoder = JsonStreamDecoder()
-        self._lock = asyncio.Lock()
-        self._unsettled = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.last_recv = time.monotonic()
-        self.last_send = time.monotonic()
+
+    @property
+    def paced(self) -> bool:
+        return self.outbox.paced
+
+    @paced.setter
+    def paced(self, value: bool) -> None:
+        self.outbox.paced = value
 
     @property
     def peer(self) -> tuple[str, int]:
@@ -86,31 +93,25 @@ class DeviceChannel:
             self._decoder.feed(data)
 
     async def send(self, message: dict[str, Any]) -> None:
-        """Write one object, after any earlier one has settled."""
+        """Write one object (a reply: see the module docs), within ``send_timeout``."""
         assert self.sock is not None
         data = encode(message)
-        async with self._lock:
-            await self._settle()
-            await aio.sendall(self.sock, data)
-            self.bytes_out += len(data)
-            self.last_send = time.monotonic()
-            self._unsettled = True
+        await aio.sendall(self.sock, data, timeout=self.send_timeout)
+        self.bytes_out += len(data)
+        self.outbox.wrote(asyncio.get_running_loop().time())
 
     async def settle(self) -> None:
-        """Wait until everything written has reached the device on its own."""
-        async with self._lock:
-            await self._settle()
-
-    async def _settle(self) -> None:
-        if not self._unsettled or self.sock is None:
-            return
-        deadline = time.monotonic() + self.ACK_WAIT
-        delay = 0.0005
-        while unacknowledged(self.sock) and time.monotonic() < deadline:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.01)
-        await asyncio.sleep(self.grace)
-        self._unsettled = False
+        """Wait until the device has read what was written on its own (nothing to
+        wait for with a device that decodes a stream); ``TimeoutError`` if it does
+        not acknowledge it within ``send_timeout``."""
+        sock = self.sock
+        assert sock is not None
+        loop = asyncio.get_running_loop()
+        while (wake := self.outbox.ready(loop.time(), lambda: unacknowledged(sock))) is not None:
+            since = self.outbox.blocked_since()
+            if since is not None and loop.time() - since > self.send_timeout:
+                raise TimeoutError(f"device did not acknowledge for {self.send_timeout:g} s")
+            await asyncio.sleep(max(0.0, wake - loop.time()))
 
     def detach(self) -> tuple[socket.socket, bytes]:
         """Give up the socket and the bytes received after the last message."""

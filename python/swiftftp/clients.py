@@ -1,5 +1,13 @@
 """The FTP client listener: greeting, pre-login dialogue, rendezvous with the
-device, then the relayed control connection with its rewriting."""
+device, then the relayed control connection with its rewriting.
+
+Deadlines: ``timeouts.client_login`` from the client's connect until the device
+answered ``230`` (the node's own dialogue, the rendezvous and the device's
+login dialogue all count); ``timeouts.rendezvous`` for the device to take the
+client (notify, accept, its login on the port); then ``timeouts.idle`` of
+silence, where a data connection still moving bytes for this client counts as
+activity; every write within ``timeouts.send``.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,13 @@ import contextlib
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 from . import aio
 from .channel import DeviceChannel
+from .command import CommandSession
 from .devices import login
-from .errors import ErrorCode, PeerClosed, ProtocolError
+from .errors import Busy, PeerClosed, ProtocolError
 from .ftp import (
     GREETING,
     MAX_LINE,
@@ -25,24 +34,25 @@ from .ftp import (
     PreLogin,
     Reply,
 )
-from .net import accept_first, normalize_ip
-from .node import Busy
+from .net import normalize_ip
+from .outbox import Waiting
 from .protocol import error
-
-if TYPE_CHECKING:
-    from .node import Device, ProxyNode
+from .state import Device, Node
 
 log = logging.getLogger("swiftftp.clients")
 
 SHUTTING_DOWN = "421 This node is shutting down; try again in a moment."
+#: Connections from the device's address that may log in on a rendezvous port at once.
+MAX_CANDIDATES = 8
 
 
 class ClientConnection:
-    """An FTP client's control socket: line reads before login, and byte counts
-    as the client sees them (quota accounting starts with the greeting)."""
+    """An FTP client's control socket: line reads before login, bounded writes, and
+    byte counts as the client sees them (quota accounting starts with the greeting)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, send_timeout: float) -> None:
         self.sock = sock
+        self.send_timeout = send_timeout
         self.buffer = b""  # received, not yet consumed as a line
         self.counts = [0, 0]  # received from the client (up), sent to it (down)
 
@@ -60,86 +70,105 @@ class ClientConnection:
         return line
 
     async def send(self, data: bytes) -> None:
-        await aio.sendall(self.sock, data)
+        await aio.sendall(self.sock, data, timeout=self.send_timeout)
         self.counts[1] += len(data)
 
     async def send_line(self, text: str) -> None:
         await self.send(text.encode() + b"\r\n")
 
+    async def last_words(self, text: str) -> None:
+        """A final reply before closing: a client that does not read gets no wait."""
+        with contextlib.suppress(OSError, TimeoutError):
+            await aio.sendall(self.sock, text.encode() + b"\r\n", timeout=1.0)
 
-async def handle_client(node: ProxyNode, sock: socket.socket) -> None:
+
+async def handle_client(node: Node, sock: socket.socket) -> None:
     """One FTP client: answer it until it names an online device, then splice it there."""
     peer_ip, peer_port = sock.getpeername()[:2]
     peer = f"{peer_ip}:{peer_port}"
     ip = normalize_ip(peer_ip)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    client = ClientConnection(sock, node.settings.send_timeout)
     refusal = "shutting down" if node.draining else node.guard.admit(ip)
     if refusal:
         node.refuse(refusal, peer)
-        text = {
+        await client.last_words({
             "locked out": "421 Too many failed logins from your address; try again later.",
             "shutting down": SHUTTING_DOWN,
-        }.get(refusal, "421 Too many connections from your address.")
-        with contextlib.suppress(OSError):
-            await aio.sendall(sock, text.encode() + b"\r\n")
+        }.get(refusal, "421 Too many connections from your address."))
         return
     try:
-        await _serve_client(node, ClientConnection(sock), peer, ip)
+        await _serve_client(node, client, peer, ip)
     finally:
         node.guard.release(ip)
         node.left()
 
 
-async def _serve_client(node: ProxyNode, client: ClientConnection, peer: str, ip: str) -> None:
-    dialogue = PreLogin(node.settings.max_login_failures)
+async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str) -> None:
+    s = node.settings
+    login_deadline = time.monotonic() + s.client_login_timeout
+    dialogue = PreLogin(s.max_login_failures)
     try:
-        await client.send_line(GREETING)
-        async with asyncio.timeout(node.settings.client_login_timeout) as deadline:
-            while True:
-                events = dialogue.on_line(await client.readline())
-                lookup = next((e for e in events if isinstance(e, Lookup)), None)
-                if lookup:
-                    if node.draining:
-                        await _act(client, peer, [Reply(SHUTTING_DOWN), Close("node draining")])
-                        return
-                    device = node.online(lookup.prefix)
-                    if device is not None:
-                        deadline.reschedule(None)
-                        break
-                    events = dialogue.unknown_prefix(lookup.prefix)
-                if any(isinstance(e, Failure) for e in events):
-                    if node.guard.failure(ip):
-                        node.refuse("prefix guessing lockout", peer)
-                        events = [*events, Close("locked out")]
-                    node.stats.login_failures += 1
-                    await asyncio.sleep(node.settings.failure_delay)  # slows guessing down
-                if await _act(client, peer, events):
-                    return
+        async with asyncio.timeout(s.client_login_timeout):
+            await client.send_line(GREETING)
+            found = await _pre_login(node, client, dialogue, peer, ip)
     except TimeoutError:
         await _act(client, peer, dialogue.timed_out())
         return
     except (PeerClosed, OSError):
         return
+    if found is None:
+        return
+    device, lookup = found
     try:
-        with node.connection(device, "control"):
+        with node.connection(device, "control"), _login_slot(device, ip, s.max_control_per_device) as slot:
             try:
-                chan = await rendezvous(node, device)
+                left = login_deadline - time.monotonic()
+                async with asyncio.timeout(min(left, s.rendezvous_timeout)):
+                    chan = await rendezvous(node, device, ip)
             except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
-                log.info("device %s did not take the connection: %s", device.prefix, exc)
+                reason = str(exc) or f"no login within {s.rendezvous_timeout:g} s"
+                log.info("device %s did not take the connection: %s", device.prefix, reason)
                 await _act(client, peer, dialogue.device_unavailable())
                 return
-            await control_relay(node, device, client, chan, lookup.user_line + client.buffer, peer)
+            first = lookup.user_line + client.buffer
+            await control_relay(node, device, client, chan, first, peer, login_deadline, slot)
     except Busy as exc:
         node.refuse(str(exc), f"{device.prefix} from {peer}")
-        await _act(client, peer, [Reply(f"421 {str(exc).capitalize()}; try again later."), Close("busy")])
+        await client.last_words(f"421 {str(exc).capitalize()}; try again later.")
+
+
+async def _pre_login(
+    node: Node, client: ClientConnection, dialogue: PreLogin, peer: str, ip: str
+) -> tuple[Device, Lookup] | None:
+    """The node's own dialogue, until ``USER`` names an online device (None: closed)."""
+    while True:
+        events = dialogue.on_line(await client.readline())
+        lookup = next((e for e in events if isinstance(e, Lookup)), None)
+        if lookup:
+            if node.draining:
+                await _act(client, peer, [Reply(SHUTTING_DOWN), Close("node draining")])
+                return None
+            device = node.table.online_device(lookup.prefix)
+            if device is not None:
+                return device, lookup
+            events = dialogue.unknown_prefix(lookup.prefix)
+        if any(isinstance(e, Failure) for e in events):
+            if node.guard.failure(ip):
+                node.refuse("prefix guessing lockout", peer)
+                events = [*events, Close("locked out")]
+            node.stats.login_failures += 1
+            await asyncio.sleep(node.settings.failure_delay)  # slows guessing down
+        if await _act(client, peer, events):
+            return None
 
 
 async def _act(client: ClientConnection, peer: str, events: list) -> bool:
     """Carry out the dialogue's events; True when the connection should close."""
     for event in events:
         if isinstance(event, Reply):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, TimeoutError):
                 await client.send_line(event.text)
         elif isinstance(event, Failure):
             log.info("client %s: login failed: %s", peer, event.reason)
@@ -149,48 +178,148 @@ async def _act(client: ClientConnection, peer: str, events: list) -> bool:
     return False
 
 
-async def rendezvous(node: ProxyNode, device: Device) -> DeviceChannel:
-    """Ask the device to connect to a fresh port and wait until it has logged in there."""
-    s = node.settings
+class LoginSlot:
+    """A control connection of a device that has not logged in yet, counted against
+    its client address's share of the device's control slots."""
+
+    def __init__(self, device: Device, ip: str) -> None:
+        self.device = device
+        self.ip = ip
+        device.logging_in[ip] += 1
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.device.logging_in[self.ip] -= 1
+            if self.device.logging_in[self.ip] <= 0:
+                del self.device.logging_in[self.ip]
+
+
+@contextlib.contextmanager
+def _login_slot(device: Device, ip: str, slots: int) -> Iterator[LoginSlot]:
+    """Hold a login slot; :class:`Busy` when ``ip`` already has half the device's slots
+    logging in (connections that never send a password must not lock out the others)."""
+    if device.logging_in[ip] >= max(1, slots // 2):
+        raise Busy("too many logins in progress from your address")
+    slot = LoginSlot(device, ip)
+    try:
+        yield slot
+    finally:
+        slot.release()
+
+
+# ---- rendezvous ---------------------------------------------------------------------------
+
+
+async def rendezvous(node: Node, device: Device, client_ip: str) -> DeviceChannel:
+    """Ask the device to connect to a fresh port and wait until it has logged in there
+    (the caller bounds the wait: notify, accept and login under one deadline)."""
     command = device.command
     if command is None:
         raise PeerClosed("device went offline")
-    async def logged_in(sock: socket.socket) -> DeviceChannel | None:
-        chan = DeviceChannel(sock, grace=s.device_grace)
+    with node.listener(client_ip) as listener:
+        waiting = command.rendezvous(listener.getsockname()[1])
+        outcome = "abandoned"
         try:
-            android_id, _ = await login(node, chan)
-        except ProtocolError as exc:
-            with contextlib.suppress(OSError):
-                await chan.send(error(exc.code, exc.text))
-            return None
-        if android_id != device.android_id:
-            log.warning("rendezvous for %s: a different device logged in", device.prefix)
-            with contextlib.suppress(OSError):
-                await chan.send(error(ErrorCode.BAD_CREDENTIALS, "not the device expected here"))
-            return None
-        return chan
+            chan = await _take(node, device, listener, waiting, command)
+            outcome = "taken"
+            return chan
+        except TimeoutError:
+            outcome = "timeout"
+            raise
+        finally:
+            command.rendezvous_over(waiting, taken=outcome == "taken", timed_out=outcome == "timeout")
 
-    with node.listener() as listener:
-        await command.notify(
-            {"action": "control_connection_waiting", "port": listener.getsockname()[1]}
-        )
-        _, chan = await accept_first(listener, logged_in, s.rendezvous_timeout)
-    return chan
+
+async def _take(
+    node: Node, device: Device, listener: socket.socket, waiting: Waiting, command: CommandSession
+) -> DeviceChannel:
+    """Accept on the rendezvous port until the device has logged in there. Only the
+    device's own address is heard, each candidate within ``timeouts.device_login``;
+    a stranger is closed at once and never delays the device."""
+    candidates: dict[asyncio.Task, socket.socket] = {}
+    accept: asyncio.Future | None = None
+    port = listener.getsockname()[1]
+    try:
+        while True:
+            if accept is None:
+                accept = asyncio.ensure_future(aio.accept(listener))
+            done, _ = await asyncio.wait({accept, *candidates}, return_when=asyncio.FIRST_COMPLETED)
+            if accept in done:
+                sock, address = accept.result()
+                accept = None
+                if normalize_ip(address[0]) != command.ip or len(candidates) >= MAX_CANDIDATES:
+                    detail = f"{address[0]} on port {port} of {device.prefix}"
+                    node.refuse("stranger on a rendezvous port", detail)
+                    sock.close()
+                else:
+                    candidates[asyncio.ensure_future(_candidate(node, device, sock, waiting, command))] = sock
+            for task in done & set(candidates):
+                del candidates[task]
+                chan = task.result()
+                if chan is not None:
+                    return chan
+    finally:
+        # Cancel, then wait: a task may still be registered on a socket until it has
+        # run its cancellation, and closing the socket first would orphan that.
+        pending = [t for t in (accept, *candidates) if t is not None]
+        for task in pending:
+            task.cancel()
+        for result in await asyncio.gather(*pending, return_exceptions=True):
+            if isinstance(result, tuple):  # an accepted connection nobody looked at
+                result[0].close()
+            elif isinstance(result, DeviceChannel):
+                result.close()
+        for sock in candidates.values():
+            sock.close()
+
+
+async def _candidate(
+    node: Node, device: Device, sock: socket.socket, waiting: Waiting, command: CommandSession
+) -> DeviceChannel | None:
+    """One connection from the device's address on a rendezvous port: the device
+    logged in (its channel), or None (answered and closed)."""
+    s = node.settings
+    chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace)
+    try:
+        async with asyncio.timeout(s.device_login_timeout):
+            await login(node, chan, expected=device.android_id)
+        command.rendezvous_over(waiting, taken=True, timed_out=False)  # the next message may go
+        return chan
+    except ProtocolError as exc:
+        log.info("rendezvous for %s: %s", device.prefix, exc)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(1):
+                await chan.send(error(exc.code, exc.text))
+    except (TimeoutError, OSError, PeerClosed) as exc:
+        log.info("rendezvous for %s: candidate failed: %s", device.prefix, exc or type(exc).__name__)
+    except BaseException:
+        chan.close()
+        raise
+    chan.close()
+    return None
+
+
+# ---- the relayed control connection -------------------------------------------------------
 
 
 async def control_relay(
-    node: ProxyNode,
+    node: Node,
     device: Device,
     conn: ClientConnection,
     chan: DeviceChannel,
     first: bytes,
     peer: str,
+    login_deadline: float,
+    slot: LoginSlot,
 ) -> None:
     """Relay the control connection, rewriting it on the way (:class:`ControlRewriter`).
 
     Bytes are counted on the client's side: what it sent, and what it was
     sent after rewriting.
     """
+    s = node.settings
     await chan.settle()  # "{}" must reach the device alone, before the USER line
     device_sock, early = chan.detach()
     client = conn.sock
@@ -201,31 +330,56 @@ async def control_relay(
     rewriter = ControlRewriter(client_ip, public)
     to_device = LineSplitter(rewriter.command)
     to_client = LineSplitter(rewriter.reply)
+    failures = [0]
+
+    def deadline() -> float:
+        if not rewriter.logged_in:
+            return login_deadline
+        if device.transferring_for(client_ip):
+            return time.monotonic() + s.idle_timeout  # a transfer is activity too
+        return last[0] + s.idle_timeout
+
+    def logins() -> None:
+        """Follow the device's answers to the login: 230 frees the slot; 530s count."""
+        if rewriter.logged_in:
+            slot.release()
+        while failures[0] < rewriter.failures:
+            failures[0] += 1
+            node.stats.login_failures += 1
+            node.guard.failure(client_ip)
 
     async def upstream() -> None:
         while data := await aio.recv(client, 65536):
             last[0] = time.monotonic()
             counts[0] += len(data)
             if out := to_device.feed(data):
-                await aio.sendall(device_sock, out)
-        await _finish(to_device, device_sock)
+                await aio.sendall(device_sock, out, timeout=s.send_timeout)
+        await _finish(to_device, device_sock, s.send_timeout)
 
     async def downstream() -> None:
         while data := await aio.recv(device_sock, 65536):
             last[0] = time.monotonic()
             if out := to_client.feed(data):
+                logins()
                 await conn.send(out)
-        await _finish(to_client, client)
+        await _finish(to_client, client, s.send_timeout)
 
     device.control_peers[client_ip] += 1
     try:
-        with node.session("control", device, peer) as info:
+        with node.session("control", device, peer, client_ip) as info:
             info.counters = lambda: (counts[0], counts[1])
-            await aio.sendall(device_sock, to_device.feed(first))
+            await aio.sendall(device_sock, to_device.feed(first), timeout=s.send_timeout)
             if early:
                 await conn.send(to_client.feed(early))
-            idle = node.settings.idle_timeout
-            await aio.run_all(upstream(), downstream(), deadline=lambda: last[0] + idle)
+                logins()
+            try:
+                await aio.run_all(upstream(), downstream(), deadline=deadline)
+            except TimeoutError:
+                if not rewriter.logged_in:
+                    await conn.last_words("421 Login timeout, closing control connection.")
+                elif time.monotonic() >= deadline():
+                    await conn.last_words("421 Idle timeout, closing control connection.")
+                raise
     except (OSError, TimeoutError):
         pass
     finally:
@@ -235,9 +389,9 @@ async def control_relay(
             del device.control_peers[client_ip]
 
 
-async def _finish(lines: LineSplitter, dst: socket.socket) -> None:
+async def _finish(lines: LineSplitter, dst: socket.socket, timeout: float) -> None:
     """EOF from one side: pass on any unterminated tail, then the EOF itself."""
     if tail := lines.flush():
-        await aio.sendall(dst, tail)
+        await aio.sendall(dst, tail, timeout=timeout)
     with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)

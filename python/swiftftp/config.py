@@ -65,15 +65,21 @@ class Settings:
     device_login_timeout: float = 10.0
     idle_timeout: float = 1800.0
     keepalive_interval: float = 50.0
-    rendezvous_timeout: float = 10.0
+    #: For the device to take a client: notify, connect, log in on the port. The
+    #: deployed device takes one client per two round trips (docs/protocol.md):
+    #: 16 clients at once on a 400 ms round trip need 13 s.
+    rendezvous_timeout: float = 30.0
     pasv_accept_timeout: float = 10.0
     #: How long a passive listener waits for a client and for data_pasv_accept at all.
     pasv_listen_timeout: float = 120.0
     connect_timeout: float = 10.0
     #: On SIGTERM, how long FTP clients and transfers already running may take to finish.
     drain_timeout: float = 30.0
-    #: Pause after a device's TCP acknowledged a message before raw bytes may follow.
-    device_grace: float = 0.03
+    #: Every write to a client or a device: a peer that takes nothing for this long is closed.
+    send_timeout: float = 30.0
+    #: After a message the device's TCP acknowledged, before the next may follow when
+    #: the round trip was shorter than this (outbox.GRACE has the measurement).
+    device_grace: float = 0.005
 
     # [limits]; rates in bytes/s, 0 = unlimited; None = same as the two-way rate.
     session_rate: int = 0
@@ -254,7 +260,7 @@ def _options() -> list[Option]:
         ("idle", "idle_timeout"), ("keepalive", "keepalive_interval"),
         ("rendezvous", "rendezvous_timeout"), ("pasv_accept", "pasv_accept_timeout"),
         ("pasv_listen", "pasv_listen_timeout"), ("connect", "connect_timeout"),
-        ("drain", "drain_timeout"),
+        ("drain", "drain_timeout"), ("send", "send_timeout"),
         ("device_grace", "device_grace"),
     ]
     limits: list[tuple[str, Callable[[Any], Any]]] = []

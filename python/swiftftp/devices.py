@@ -1,8 +1,9 @@
-"""The device listener: logins, command sessions and data connections (PROTOCOL.md).
+"""The device listener: logins, and what each connection becomes (docs/protocol.md).
 
 Every device connection starts with a login; the next message decides what
-the connection is: a command session, or a data connection in passive
-(``data_pasv_listen``) or active (``data_port_connect``) mode.
+the connection is: a command session (:mod:`swiftftp.command`, held without a
+task once open), or a data connection in passive (``data_pasv_listen``) or
+active (``data_port_connect``) mode, relayed once set up.
 """
 
 from __future__ import annotations
@@ -11,25 +12,20 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 from . import aio
 from .channel import DeviceChannel
-from .errors import ErrorCode, PeerClosed, ProtocolError
+from .command import CommandSession
+from .errors import Busy, ErrorCode, PeerClosed, ProtocolError
 from .net import accept_first, dial, normalize_ip
-from .node import Busy
 from .protocol import action_of, error, field
 from .registry import AccountExists
-
-if TYPE_CHECKING:
-    from .node import Device, ProxyNode
+from .state import Device, Node
 
 log = logging.getLogger("swiftftp.devices")
 
 MAX_ANDROID_ID = 128
-#: Reported as the quota of a device that has none: the largest integer every JSON reader keeps.
-UNLIMITED_QUOTA = 2**53 - 1
 
 
 def valid_android_id(android_id: str) -> bool:
@@ -37,11 +33,21 @@ def valid_android_id(android_id: str) -> bool:
     return 0 < len(android_id) <= MAX_ANDROID_ID and all(33 <= ord(c) < 127 for c in android_id)
 
 
-async def login(node: ProxyNode, chan: DeviceChannel) -> tuple[str, str]:
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A device's login as the node accepted it."""
+
+    android_id: str
+    prefix: str
+    #: The device decodes a byte stream of objects (``"json_stream": true``): no pacing.
+    stream: bool
+
+
+async def login(node: Node, chan: DeviceChannel, expected: str | None = None) -> Login:
     """Read the login (or the legacy create_account/authenticate) and answer it.
 
-    Returns (android_id, prefix); raises ProtocolError after replying with
-    the error, so the caller only has to close.
+    With ``expected`` (a rendezvous port) only that device id may log in.
+    Raises ProtocolError for the caller to answer, then close.
     """
     while True:
         message = await chan.recv()
@@ -51,6 +57,9 @@ async def login(node: ProxyNode, chan: DeviceChannel) -> tuple[str, str]:
         android_id = field(message, "android_id", str)
         if not valid_android_id(android_id):
             raise ProtocolError(ErrorCode.INVALID_DEVICE_ID, "invalid android_id")
+        if expected is not None and android_id != expected:
+            raise ProtocolError(ErrorCode.BAD_CREDENTIALS, "not the device expected here")
+        stream = message.get("json_stream") is True
         if action != "authenticate" and not node.registry.known(android_id):
             if not node.guard.new_device(normalize_ip(chan.peer[0])):
                 node.refuse("too many new devices from one address", "{}:{}".format(*chan.peer))
@@ -69,13 +78,16 @@ async def login(node: ProxyNode, chan: DeviceChannel) -> tuple[str, str]:
         else:
             field(message, "swiftp_version", str, required=False)
         prefix = await node.prefix_for(android_id)
+        chan.paced = not stream
         await chan.send({})
-        return android_id, prefix
+        return Login(android_id, prefix, stream)
 
 
-async def handle_device(node: ProxyNode, sock: socket.socket) -> None:
-    """One connection on the device port, from login to close."""
-    chan = DeviceChannel(sock, grace=node.settings.device_grace)
+async def handle_device(node: Node, sock: socket.socket) -> None:
+    """One connection on the device port, from login to close (or to the command
+    session, which then owns the socket)."""
+    s = node.settings
+    chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace)
     peer = "{}:{}".format(*chan.peer)
     ip = normalize_ip(chan.peer[0])
     try:
@@ -83,17 +95,18 @@ async def handle_device(node: ProxyNode, sock: socket.socket) -> None:
             node.refuse("too many pending device logins", peer)
             raise ProtocolError(ErrorCode.INTERNAL, "too many connections from this address")
         try:
-            async with asyncio.timeout(node.settings.device_login_timeout):
-                android_id, prefix = await login(node, chan)
+            async with asyncio.timeout(s.device_login_timeout):
+                who = await login(node, chan)
                 request = await chan.recv()
                 action = action_of(request)
         finally:
             node.guard.login_done(ip)
-        device = node.device(android_id, prefix)
+        device = node.device(who.android_id, who.prefix)
         try:
             if action == "start_command_session":
-                await CommandSession(node, device, chan, peer).run()
-            elif action in ("data_pasv_listen", "data_port_connect"):
+                start_command_session(node, device, chan, peer, who)
+                return
+            if action in ("data_pasv_listen", "data_port_connect"):
                 if node.quota.over(device):
                     node.stats.quota_refusals += 1
                     node.refuse("over quota", device.prefix)
@@ -109,107 +122,41 @@ async def handle_device(node: ProxyNode, sock: socket.socket) -> None:
             node.refuse(str(exc), device.prefix)
             raise ProtocolError(ErrorCode.INTERNAL, str(exc)) from None
         finally:
-            node.forget_if_idle(device)
+            node.table.forget_if_idle(device)
     except ProtocolError as exc:
         log.info("device %s: %s", peer, exc)
-        with contextlib.suppress(OSError, asyncio.TimeoutError):
-            async with asyncio.timeout(1):
-                await chan.send(error(exc.code, exc.text))
-                await chan.settle()
+        if chan.sock is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await chan.send(error(exc.code, exc.text))
     except (PeerClosed, TimeoutError, OSError) as exc:
         log.info("device %s: %s", peer, exc or type(exc).__name__)
-    # the caller closes the socket, gracefully: an error reply must not be lost to a RST
+    # the caller closes the socket, gracefully (an error reply must not be lost to a RST),
+    # unless it was handed over (a command session, a relay): then it is already detached
 
 
-class CommandSession:
-    """A device's long-lived command session: its presence on this node."""
-
-    def __init__(self, node: ProxyNode, device: Device, chan: DeviceChannel, peer: str) -> None:
-        self.node = node
-        self.device = device
-        self.chan = chan
-        self.peer = peer
-        self._task = asyncio.current_task()
-
-    async def notify(self, message: dict[str, Any]) -> None:
-        """Send the device a request (paced: never two in one device read)."""
-        await self.chan.send(message)
-
-    def close(self, reason: str) -> None:
-        log.info("command session of %s closed: %s", self.device.prefix, reason)
-        if self._task is not None:
-            self._task.cancel()
-
-    async def run(self) -> None:
-        device = self.device
-        old = device.command
-        if self.node.draining:
-            raise Busy("this node is shutting down")
-        if old is None and self.node.command_sessions >= self.node.settings.max_command_sessions:
-            raise Busy("too many devices on this node")
-        device.command = self
-        if old is not None:
-            old.close("replaced by a new login")  # the phone reconnected
-        with self.node.session("command", device, self.peer) as info:
-            info.counters = lambda: (self.chan.bytes_in, self.chan.bytes_out)
-            keepalive = self.node.spawn(self._keepalive(), f"keepalive-{device.prefix}")
-            try:
-                await self.chan.send({"prefix": device.prefix})
-                while True:
-                    if not await self._serve(await self.chan.recv()):
-                        return
-            finally:
-                keepalive.cancel()
-                await asyncio.gather(keepalive, return_exceptions=True)
-                if device.command is self:
-                    device.command = None
-
-    async def _serve(self, request: dict[str, Any]) -> bool:
-        """Answer one device request; False once the session should end."""
-        try:
-            action = action_of(request)
-        except ProtocolError as exc:
-            await self.chan.send(error(exc.code, exc.text))
-            return True
-        if action == "noop":
-            await self.chan.send({})
-        elif action == "check_quota":
-            quota = self.node.quota
-            limit = quota.limit(self.device) or UNLIMITED_QUOTA
-            await self.chan.send({"quota": limit, "used": quota.used(self.device)})
-        elif action == "finished":
-            await self.chan.send({})
-            await self.chan.settle()
-            return False
-        else:
-            await self.chan.send(error(ErrorCode.MALFORMED, f"unknown action {action!r}"))
-        return True
-
-    async def _keepalive(self) -> None:
-        """A ``noop`` after ``keepalive_interval`` seconds of silence either way."""
-        interval = self.node.settings.keepalive_interval
-        while True:
-            quiet = time.monotonic() - max(self.chan.last_recv, self.chan.last_send)
-            if quiet >= interval:
-                try:
-                    await self.notify({"action": "noop"})
-                except OSError:
-                    self.close("keepalive failed")
-                    return
-                quiet = 0
-            await asyncio.sleep(interval - quiet)
+def start_command_session(node: Node, device: Device, chan: DeviceChannel, peer: str, who: Login) -> None:
+    """Hand the connection over to a :class:`CommandSession` (no task of its own)."""
+    if node.draining:
+        raise Busy("this node is shutting down")
+    s = node.settings
+    if device.command is None and node.table.online >= s.max_command_sessions:
+        raise Busy("too many devices on this node")
+    sock, early = chan.detach()
+    owned = socket.socket(fileno=sock.detach())  # the handler's socket object is now empty
+    CommandSession(node, device, owned, peer, paced=not who.stream, early=early).start()
 
 
-async def passive_data(node: ProxyNode, device: Device, chan: DeviceChannel, peer: str) -> None:
+async def passive_data(node: Node, device: Device, chan: DeviceChannel, peer: str) -> None:
     """``data_pasv_listen``: a port for the client, then ``data_pasv_accept``."""
     if not device.control_peers:
         raise ProtocolError(ErrorCode.PASV_TIMEOUT, "no control connection of this device here")
-    with node.listener() as listener:
+    with node.listener(normalize_ip(chan.peer[0])) as listener:
         await _passive(node, device, chan, peer, listener)
 
 
 async def _passive(
-    node: ProxyNode, device: Device, chan: DeviceChannel, peer: str, listener: socket.socket
+    node: Node, device: Device, chan: DeviceChannel, peer: str, listener: socket.socket
 ) -> None:
     s = node.settings
     port = listener.getsockname()[1]
@@ -218,7 +165,7 @@ async def _passive(
         address = sock.getpeername()[0]
         if device.allows(address):
             return True
-        log.warning("passive port %d of %s: refused stranger %s", port, device.prefix, address)
+        node.refuse("stranger on a passive port", f"{address} on port {port} of {device.prefix}")
         return None
 
     accept = asyncio.ensure_future(accept_first(listener, from_control_peer, s.pasv_listen_timeout))
@@ -248,7 +195,7 @@ async def _passive(
 
 
 async def active_data(
-    node: ProxyNode, device: Device, chan: DeviceChannel, peer: str, request: dict[str, Any]
+    node: Node, device: Device, chan: DeviceChannel, peer: str, request: dict
 ) -> None:
     """``data_port_connect``: dial the client, only where RFC 2577 allows."""
     address = field(request, "address", str)
@@ -258,12 +205,14 @@ async def active_data(
     except ValueError:
         raise ProtocolError(ErrorCode.CONNECT_FAILED, f"not an IP address: {address!r}") from None
     if not device.allows(target) or not 1024 <= port <= 65535:
-        log.warning("bounce refused: %s asked for %s:%s", device.prefix, address, port)
+        node.refuse("bounce attempt", f"{device.prefix} asked for {address}:{port}")
         raise ProtocolError(ErrorCode.CONNECT_FAILED, "refused: not the client's address or port")
     try:
         client = await dial(target, port, node.settings.connect_timeout)
     except (OSError, TimeoutError) as exc:
-        raise ProtocolError(ErrorCode.CONNECT_FAILED, f"connect failed: {exc}") from None
+        reason = str(exc) or type(exc).__name__
+        log.warning("data_port_connect of %s to %s:%d failed: %s", device.prefix, target, port, reason)
+        raise ProtocolError(ErrorCode.CONNECT_FAILED, f"connect failed: {reason}") from None
     try:
         await relay_data(node, device, chan, client, peer)
     finally:
@@ -271,20 +220,21 @@ async def active_data(
 
 
 async def relay_data(
-    node: ProxyNode, device: Device, chan: DeviceChannel, client: socket.socket, peer: str
+    node: Node, device: Device, chan: DeviceChannel, client: socket.socket, peer: str
 ) -> None:
-    """Answer ``{}``, let it reach the device on its own, then relay raw bytes."""
+    """Answer ``{}``, let the device read it on its own, then relay raw bytes."""
     await chan.send({})
     await chan.settle()  # the client's first bytes must not share the device's read with "{}"
     device_sock, early = chan.detach()
     try:
         if early:
-            await aio.sendall(client, early)
-    except OSError:
+            await aio.sendall(client, early, timeout=node.settings.send_timeout)
+    except (OSError, TimeoutError):
         device_sock.close()
         raise
-    client_peer = "{}:{}".format(*client.getpeername()[:2])
-    with node.session("data", device, client_peer) as info:
+    client_ip, client_port = client.getpeername()[:2]
+    client_ip = normalize_ip(client_ip)
+    with node.session("data", device, f"{client_ip}:{client_port}", client_ip) as info:
         info.buckets = node.throttle.session_buckets()
         up, down = node.throttle.chains(device, info.buckets)
         handle = node.backend.start(

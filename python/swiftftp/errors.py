@@ -31,6 +31,10 @@ class ProtocolError(SwiftFTPError):
         self.text = text
 
 
+class Busy(SwiftFTPError):
+    """A cap was reached; the message says which, for the refusal."""
+
+
 class PeerClosed(SwiftFTPError, ConnectionError):
     """The peer closed the connection before a complete message arrived."""
 

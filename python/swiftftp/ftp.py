@@ -201,6 +201,9 @@ class ControlRewriter:
 
     Replies are matched to commands in order, one final (non-1xx) reply each
     (RFC 959, 4.2), so pipelined commands are translated correctly.
+
+    It also follows the login: :attr:`logged_in` once the device answered ``230``,
+    and :attr:`failures` counts its ``530`` replies before that.
     """
 
     def __init__(self, client_ip: str, public_address: str) -> None:
@@ -208,6 +211,8 @@ class ControlRewriter:
         self._public = public_address
         self._pending: deque[str] = deque()  # per command sent on: what its reply becomes
         self._multiline: bytes | None = None  # code of the multi-line reply being passed on
+        self.logged_in = False
+        self.failures = 0
 
     def command(self, line: bytes) -> bytes:
         """A line from the client, as the device gets it."""
@@ -235,6 +240,7 @@ class ControlRewriter:
             if m and m[1] == self._multiline and m[2] == b" ":
                 self._multiline = None
                 self._final()
+                self._login_reply(m[1])
             return line
         if not m:
             return line
@@ -244,11 +250,19 @@ class ControlRewriter:
         if line.startswith(b"1"):
             return line  # preliminary: the command's final reply is still to come
         expect = self._final()
+        self._login_reply(m[1])
         if expect == "EPSV" and m[1] == b"227" and (port := _pasv_port(line)) is not None:
             return b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port
         if expect == "EPSV ALL" and line.startswith(b"2"):
             return b"200 EPSV ALL command successful.\r\n"
         return rewrite_pasv_reply(line, self._public)
+
+    def _login_reply(self, code: bytes) -> None:
+        if not self.logged_in:
+            if code == b"230":
+                self.logged_in = True
+            elif code == b"530":
+                self.failures += 1
 
     def _final(self) -> str:
         return self._pending.popleft() if self._pending else ""

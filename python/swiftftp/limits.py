@@ -11,7 +11,7 @@ from .config import Settings
 from .relay import Backend, Bucket
 
 if TYPE_CHECKING:
-    from .node import Device
+    from .state import Device
 
 
 class Guard:

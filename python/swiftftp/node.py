@@ -11,88 +11,24 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import admin, aio, logs, relay
+from .clients import handle_client
+from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
-from .errors import ConfigError, ErrorCode, FleetError, ProtocolError
+from .devices import handle_device
+from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError
 from .fleet import Bucket, Membership, ServerList, SharedPrefixes
 from .limits import Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
 from .registry import Registry
+from .state import Device, DeviceTable, Session, holding
 from .stats import Stats, sample_throughput, serve_http
-
-if TYPE_CHECKING:
-    from .devices import CommandSession
-    from .relay import Bucket
+from .timers import Wheel
 
 log = logging.getLogger("swiftftp")
-
-
-class Busy(Exception):
-    """A cap was reached; the message says which, for the refusal."""
-
-
-@dataclass(eq=False)
-class Session:
-    """One relayed connection as the logs, stats and quota see it."""
-
-    id: str
-    kind: str  # "command" | "control" | "data"
-    device: Device | None
-    peer: str
-    opened: float = field(default_factory=time.monotonic)
-    counters: Callable[[], tuple[int, int]] = lambda: (0, 0)
-    #: (up, down) token buckets of a data session, for reloads.
-    buckets: tuple[Bucket, Bucket] | None = None
-    #: Bytes already written to the quota; None for sessions not counted (command).
-    accounted: list[int] | None = None
-
-    @property
-    def prefix(self) -> str:
-        return self.device.prefix if self.device else "-"
-
-    def unaccounted(self) -> tuple[int, int]:
-        up, down = self.counters()
-        assert self.accounted is not None
-        return up - self.accounted[0], down - self.accounted[1]
-
-    def take_unaccounted(self) -> int:
-        """Bytes moved since the last call, marked as accounted."""
-        up, down = self.unaccounted()
-        assert self.accounted is not None
-        self.accounted[0] += up
-        self.accounted[1] += down
-        return up + down
-
-
-class Device:
-    """What this node knows of one device while it has any connection here."""
-
-    def __init__(self, android_id: str, prefix: str) -> None:
-        self.android_id = android_id
-        self.prefix = prefix
-        self.command: CommandSession | None = None
-        #: Peer IPs of this device's relayed control connections: the only
-        #: addresses its data connections may reach (RFC 2577).
-        self.control_peers: Counter[str] = Counter()
-        self.sessions: set[Session] = set()
-        #: Connections being set up or relayed, by kind (caps count these).
-        self.connections: Counter[str] = Counter()
-        # Operator overrides from the registry (None: the node's defaults).
-        self.quota_bytes: int | None = None
-        self.upload_rate: int | None = None
-        self.download_rate: int | None = None
-        self.buckets: tuple[Bucket, Bucket]
-
-    def allows(self, address: str) -> bool:
-        return normalize_ip(address) in self.control_peers
-
-    @property
-    def idle(self) -> bool:
-        return self.command is None and not self.sessions and not +self.connections
 
 
 class ProxyNode:
@@ -106,10 +42,13 @@ class ProxyNode:
         self.guard = Guard(settings)
         self.quota = QuotaBook(self)
         self.stats = Stats()
-        self.devices: dict[str, Device] = {}  # by android_id
-        self.by_prefix: dict[str, Device] = {}
+        self.table = DeviceTable()
         self.sessions: set[Session] = set()
+        #: Keepalive timers of every command session.
+        self.keepalives = Wheel()
         self.pending_listeners = 0
+        #: Listeners held per source address: one source may hold only a share of the pool.
+        self._listeners_by_source: Counter[str] = Counter()
         #: Set by :meth:`drain`: new FTP clients and command sessions are turned away.
         self.draining = False
         self._drained = asyncio.Event()
@@ -127,9 +66,6 @@ class ProxyNode:
 
     async def start(self) -> None:
         """Bind both listeners (and the stats and control sockets), start accepting."""
-        from .clients import handle_client
-        from .devices import handle_device
-
         s = self.settings
         devices = listen_on(s.listen, s.device_port, backlog=512)
         try:
@@ -214,18 +150,13 @@ class ProxyNode:
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-
-        async def tell(command: Any, newserver: str | None) -> None:
-            message = {"action": "reconnect"} | ({"newserver": newserver} if newserver else {})
-            with contextlib.suppress(OSError, TimeoutError):
-                async with asyncio.timeout(5):
-                    await command.notify(message)
-
         others = await self.fleet.leave() if self.fleet else []
         commands = [d.command for d in self.devices.values() if d.command is not None]
         log.info("draining: %d devices asked to reconnect%s, %d clients and transfers to finish",
                  len(commands), " elsewhere in the fleet" if others else "", self.busy)
-        await asyncio.gather(*(tell(c, random.choice(others) if others else None) for c in commands))
+        for command in commands:
+            newserver = random.choice(others) if others else None
+            command.notify({"action": "reconnect"} | ({"newserver": newserver} if newserver else {}))
         self.left()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
@@ -247,6 +178,8 @@ class ProxyNode:
             await self.fleet.leave()
         for server in self._servers:
             server.close()
+        close_all([d.command for d in self.devices.values() if d.command is not None], "node stopping")
+        self.keepalives.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -321,15 +254,22 @@ class ProxyNode:
 
     # ---- devices ------------------------------------------------------------------
 
+    @property
+    def devices(self) -> dict[str, Device]:
+        """The devices with any connection here, by device id."""
+        return self.table.by_id
+
+    @property
+    def by_prefix(self) -> dict[str, Device]:
+        return self.table.by_prefix
+
     def device(self, android_id: str, prefix: str) -> Device:
         """The device's record on this node, created on first use."""
-        device = self.devices.get(android_id)
-        if device is None:
-            device = self.devices[android_id] = Device(android_id, prefix)
-            self.by_prefix[prefix] = device
-            self._load_overrides(device)
-            device.buckets = self.throttle.device_buckets(device)
-        return device
+        return self.table.get(android_id, prefix, self._new_device)
+
+    def _new_device(self, device: Device) -> None:
+        self._load_overrides(device)
+        device.buckets = self.throttle.device_buckets(device)
 
     def _load_overrides(self, device: Device) -> None:
         record = self.registry.find(device.android_id)
@@ -337,51 +277,45 @@ class ProxyNode:
             device.quota_bytes = record.quota_bytes
             device.upload_rate, device.download_rate = record.upload_rate, record.download_rate
 
-    def forget_if_idle(self, device: Device) -> None:
-        if device.idle and self.devices.get(device.android_id) is device:
-            del self.devices[device.android_id]
-            self.by_prefix.pop(device.prefix, None)
-
-    @contextlib.contextmanager
-    def connection(self, device: Device, kind: str) -> Iterator[None]:
+    def connection(self, device: Device, kind: str) -> contextlib.AbstractContextManager[None]:
         """Count a control or data connection of ``device`` while it is set up and relayed."""
         cap = {
             "control": self.settings.max_control_per_device,
             "data": self.settings.max_data_per_device,
         }[kind]
-        if device.connections[kind] >= cap:
-            raise Busy(f"too many {kind} connections for this device")
-        device.connections[kind] += 1
-        try:
-            yield
-        finally:
-            device.connections[kind] -= 1
-            self.forget_if_idle(device)
+        return holding(device, kind, cap, self.table)
 
     def online(self, prefix: str) -> Device | None:
         """The device with this prefix if its command session is open here."""
-        device = self.by_prefix.get(prefix)
-        return device if device and device.command else None
+        return self.table.online_device(prefix)
 
     @property
     def command_sessions(self) -> int:
-        return sum(1 for d in self.devices.values() if d.command)
+        return self.table.online
 
     def public_address_for(self, client: socket.socket) -> str:
         """The address a client should use to reach this node (for 227 replies)."""
         return self.settings.public_address or normalize_ip(client.getsockname()[0])
 
     @contextlib.contextmanager
-    def listener(self) -> Iterator[socket.socket]:
-        """A rendezvous or passive listener from the data port range, capped node-wide."""
-        if self.pending_listeners >= self.settings.max_pending_listeners:
+    def listener(self, source: str) -> Iterator[socket.socket]:
+        """A rendezvous or passive listener from the data port range, capped node-wide,
+        and per ``source`` (the address that caused it) to an eighth of the pool."""
+        cap = self.settings.max_pending_listeners
+        if self.pending_listeners >= cap:
             raise Busy("too many pending listeners on this node")
+        if self._listeners_by_source[source] >= max(1, cap // 8):
+            raise Busy("too many pending listeners for one address")
         sock = listen_in_range(self.settings.listen, self.settings.data_ports)
         self.pending_listeners += 1
+        self._listeners_by_source[source] += 1
         try:
             yield sock
         finally:
             self.pending_listeners -= 1
+            self._listeners_by_source[source] -= 1
+            if self._listeners_by_source[source] <= 0:
+                del self._listeners_by_source[source]
             sock.close()
 
     def refuse(self, reason: str, detail: str = "") -> None:
@@ -391,10 +325,9 @@ class ProxyNode:
 
     # ---- sessions -----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def session(self, kind: str, device: Device | None, peer: str) -> Iterator[Session]:
-        """Log, count and account one session from open to close."""
-        info = Session(logs.session_id.get(), kind, device, peer)
+    def open_session(self, kind: str, device: Device | None, peer: str, client_ip: str = "") -> Session:
+        """Log and count a session; :meth:`close_session` ends it."""
+        info = Session(logs.session_id.get(), kind, device, peer, client_ip=client_ip)
         if kind != "command":
             info.accounted = [0, 0]
         self.stats.opened[kind] += 1
@@ -402,6 +335,14 @@ class ProxyNode:
         if device:
             device.sessions.add(info)
         log.info("session open id=%s kind=%s prefix=%s peer=%s", info.id, kind, info.prefix, peer)
+        return info
+
+    @contextlib.contextmanager
+    def session(
+        self, kind: str, device: Device | None, peer: str, client_ip: str = ""
+    ) -> Iterator[Session]:
+        """Log, count and account one session from open to close."""
+        info = self.open_session(kind, device, peer, client_ip)
         outcome = "ok"
         try:
             yield info
@@ -415,9 +356,9 @@ class ProxyNode:
             outcome = type(exc).__name__
             raise
         finally:
-            self._closed(info, outcome)
+            self.close_session(info, outcome)
 
-    def _closed(self, info: Session, outcome: str) -> None:
+    def close_session(self, info: Session, outcome: str) -> None:
         up, down = info.counters()
         duration = time.monotonic() - info.opened
         self.sessions.discard(info)
@@ -442,4 +383,4 @@ class ProxyNode:
             )
         if info.device:
             info.device.sessions.discard(info)
-            self.forget_if_idle(info.device)
+            self.table.forget_if_idle(info.device)

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .node import Device, ProxyNode, Session
+    from .state import Device, Node, Session
 
 log = logging.getLogger("swiftftp.quota")
 
@@ -39,7 +39,7 @@ def period_key(period: str, now: datetime | None = None) -> str:
 class QuotaBook:
     """Reads and writes quota usage for the devices of one node."""
 
-    def __init__(self, node: ProxyNode) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     @property

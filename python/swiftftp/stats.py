@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from . import __version__
 
 if TYPE_CHECKING:
-    from .node import ProxyNode
+    from .state import Node
 
 log = logging.getLogger("swiftftp.stats")
 
@@ -40,7 +40,7 @@ class Stats:
         self.refused[reason] += 1
 
 
-def relayed_bytes(node: ProxyNode) -> tuple[int, int]:
+def relayed_bytes(node: Node) -> tuple[int, int]:
     """(up, down) bytes relayed on control and data connections, finished and live."""
     up, down = node.stats.closed_bytes
     for session in list(node.sessions):
@@ -51,7 +51,7 @@ def relayed_bytes(node: ProxyNode) -> tuple[int, int]:
     return up, down
 
 
-def snapshot(node: ProxyNode) -> dict[str, Any]:
+def snapshot(node: Node) -> dict[str, Any]:
     """Everything ``/stats`` serves."""
     stats = node.stats
     open_by_kind = Counter(session.kind for session in list(node.sessions))
@@ -60,7 +60,7 @@ def snapshot(node: ProxyNode) -> dict[str, Any]:
         "version": __version__,
         "relay_backend": node.backend.name,
         "uptime_seconds": round(time.time() - stats.started, 3),
-        "devices_online": sum(1 for d in node.devices.values() if d.command),
+        "devices_online": node.table.online,
         "sessions_open": {k: open_by_kind[k] for k in KINDS},
         "sessions_opened": {k: stats.opened[k] for k in KINDS},
         "sessions_refused": dict(stats.refused),
@@ -80,7 +80,7 @@ def snapshot(node: ProxyNode) -> dict[str, Any]:
 class NodeCollector:
     """prometheus-client collector reading a node's snapshot at scrape time."""
 
-    def __init__(self, node: ProxyNode) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def collect(self):
@@ -126,7 +126,7 @@ class NodeCollector:
                                     value=len(s["fleet_servers"]))
 
 
-async def sample_throughput(node: ProxyNode, interval: float = 1.0) -> None:
+async def sample_throughput(node: Node, interval: float = 1.0) -> None:
     """Keep ``stats.throughput`` at the relay rate of the last ``interval`` seconds."""
     before = relayed_bytes(node)
     stamp = time.monotonic()
@@ -138,7 +138,7 @@ async def sample_throughput(node: ProxyNode, interval: float = 1.0) -> None:
         before, stamp = now_bytes, now
 
 
-async def serve_http(node: ProxyNode, host: str, port: int) -> asyncio.Server:
+async def serve_http(node: Node, host: str, port: int) -> asyncio.Server:
     """The stats HTTP server: ``GET /metrics`` and ``GET /stats``; nothing else."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
