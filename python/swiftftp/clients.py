@@ -125,8 +125,7 @@ async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str
         with node.connection(device, "control"), _login_slot(device, ip, s.max_control_per_device) as slot:
             try:
                 left = login_deadline - time.monotonic()
-                async with asyncio.timeout(min(left, s.rendezvous_timeout)):
-                    chan = await rendezvous(node, device, ip)
+                chan = await rendezvous(node, device, ip, min(left, s.rendezvous_timeout))
             except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
                 reason = str(exc) or f"no login within {s.rendezvous_timeout:g} s"
                 log.info("device %s did not take the connection: %s", device.prefix, reason)
@@ -212,22 +211,24 @@ def _login_slot(device: Device, ip: str, slots: int) -> Iterator[LoginSlot]:
 # ---- rendezvous ---------------------------------------------------------------------------
 
 
-async def rendezvous(node: Node, device: Device, client_ip: str) -> DeviceChannel:
-    """Ask the device to connect to a fresh port and wait until it has logged in there
-    (the caller bounds the wait: notify, accept and login under one deadline)."""
+async def rendezvous(node: Node, device: Device, client_ip: str, timeout: float) -> DeviceChannel:
+    """Ask the device to connect to a fresh port and wait until it has logged in there:
+    notify, accept and login under one deadline, ``timeout`` seconds from now."""
     command = device.command
     if command is None:
         raise PeerClosed("device went offline")
     with node.listener(client_ip) as listener:
         waiting = command.rendezvous(listener.getsockname()[1])
-        outcome = "abandoned"
+        outcome = "abandoned"  # the client left first, or the node stops
         try:
-            chan = await _take(node, device, listener, waiting, command)
+            try:
+                async with asyncio.timeout(timeout):
+                    chan = await _take(node, device, listener, waiting, command)
+            except TimeoutError:
+                outcome = "timeout"
+                raise
             outcome = "taken"
             return chan
-        except TimeoutError:
-            outcome = "timeout"
-            raise
         finally:
             command.rendezvous_over(waiting, taken=outcome == "taken", timed_out=outcome == "timeout")
 
@@ -333,11 +334,13 @@ async def control_relay(
     failures = [0]
 
     def deadline() -> float:
-        if not rewriter.logged_in:
-            return login_deadline
+        """Read again after every wake-up; never later than the idle deadline, which
+        the login (230) may bring forward."""
         if device.transferring_for(client_ip):
-            return time.monotonic() + s.idle_timeout  # a transfer is activity too
-        return last[0] + s.idle_timeout
+            idle = time.monotonic() + s.idle_timeout  # a transfer is activity too
+        else:
+            idle = last[0] + s.idle_timeout
+        return idle if rewriter.logged_in else min(idle, login_deadline)
 
     def logins() -> None:
         """Follow the device's answers to the login: 230 frees the slot; 530s count."""
@@ -375,10 +378,9 @@ async def control_relay(
             try:
                 await aio.run_all(upstream(), downstream(), deadline=deadline)
             except TimeoutError:
-                if not rewriter.logged_in:
-                    await conn.last_words("421 Login timeout, closing control connection.")
-                elif time.monotonic() >= deadline():
-                    await conn.last_words("421 Idle timeout, closing control connection.")
+                if time.monotonic() >= deadline():
+                    kind = "Idle" if rewriter.logged_in or time.monotonic() < login_deadline else "Login"
+                    await conn.last_words(f"421 {kind} timeout, closing control connection.")
                 raise
     except (OSError, TimeoutError):
         pass
