@@ -62,6 +62,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,45 +206,55 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-class FtpServer:
-    """A running FTP server: where it listens, who logs in, what it serves."""
+class FtpEndpoint:
+    """Something listening for FTP clients on loopback, with a private directory."""
 
     kind: str = ""
 
     def __init__(self, host: str, passive_count: int) -> None:
-        if host not in ("127.0.0.1", "::1") and not host.startswith("127."):
+        if not (host == "::1" or host.startswith("127.")):
             raise ValueError(f"loopback addresses only, not {host!r}")
         self.host = host
-        self.user = USER
-        self.password = PASSWORD
         self.passive_count = passive_count
         self.workdir = Path(tempfile.mkdtemp(prefix=f"swiftftp-{self.kind}-"))
-        self.workdir.chmod(0o755)  # the nobody sessions must reach the root
-        self.root = self.workdir / "root"
-        self.root.mkdir()
+        self.workdir.chmod(0o755)  # unprivileged sessions must reach what is inside
         self.port = 0
         self.passive_ports = (0, 0)
         self.greeting = ""
-
-    def url(self, path: str = "") -> str:
-        """``ftp://user:password@host:port/path``."""
-        login = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
-        return f"ftp://{login}@{url_host(self.host)}:{self.port}/{path}"
 
     def start(self) -> None:
         raise NotImplementedError
 
     def stop(self) -> None:
-        """Stop the server and remove its directory."""
+        """Stop it and remove its directory."""
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> FtpServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {url_host(self.host)}:{self.port}>"
+
+
+class FtpServer(FtpEndpoint):
+    """A running FTP server: where it listens, who logs in, what it serves."""
+
+    def __init__(self, host: str, passive_count: int) -> None:
+        super().__init__(host, passive_count)
+        self.user = USER
+        self.password = PASSWORD
+        self.root = self.workdir / "root"
+        self.root.mkdir()
+
+    def url(self, path: str = "") -> str:
+        """``ftp://user:password@host:port/path``."""
+        login = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"
+        return f"ftp://{login}@{url_host(self.host)}:{self.port}/{path}"
 
     def __repr__(self) -> str:
         return f"<{self.kind} {url_host(self.host)}:{self.port} root={self.root}>"
@@ -284,8 +295,9 @@ class PyftpdlibServer(FtpServer):
         super().stop()
 
 
-class ProcessServer(FtpServer):
-    """A server binary run in the foreground in a process group of its own."""
+class ForegroundProcess(FtpEndpoint):
+    """A server binary run in the foreground in a process group of its own; ready once it
+    has greeted a connection with 220."""
 
     proc: subprocess.Popen[bytes] | None = None
 
@@ -373,6 +385,10 @@ class ProcessServer(FtpServer):
     def stop(self) -> None:
         self._kill_group()
         super().stop()
+
+
+class ProcessServer(ForegroundProcess, FtpServer):
+    """An FTP server binary with a root and a user."""
 
 
 class VsftpdServer(ProcessServer):
