@@ -48,6 +48,7 @@ import hashlib
 import os
 import secrets
 import shlex
+import shutil
 import ssl
 import subprocess
 import tempfile
@@ -56,6 +57,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote
+
+from tests.ftpservers import ensure_tools
 
 #: Seconds a client process may take for one operation on loopback.
 TIMEOUT = 60.0
@@ -126,6 +129,8 @@ def run_tool(
         return text.replace(secret, "***") if secret else text
 
     shown = masked(shlex.join(argv))
+    if shutil.which(argv[0]) is None:
+        ensure_tools()  # scripts/install-ftp-tools; a missing client fails, never skips
     try:
         done = subprocess.run(
             argv, input=stdin, capture_output=True, timeout=timeout,
@@ -452,14 +457,6 @@ def rclone_obscure(password: str) -> str:
     return done.stdout.decode().strip()
 
 
-@functools.cache
-def _rclone_config() -> str:
-    """An empty rclone config file for this process (the remotes are on the command line)."""
-    fd, path = tempfile.mkstemp(prefix="swiftftp-rclone-", suffix=".conf")
-    os.close(fd)
-    return path
-
-
 class Rclone(FtpClient):
     """rclone's ``:ftp:`` backend from a connection string, one try, MLSD off."""
 
@@ -469,9 +466,10 @@ class Rclone(FtpClient):
     def _run(self, login: Login, mode: str, *args: str) -> subprocess.CompletedProcess[bytes]:
         self.check_mode(mode)
         argv = [
-            "rclone", "--config", _rclone_config(), "--retries", "1", "--low-level-retries", "1",
+            "rclone", "--config", "",  # no config file: the remote is on the command line
+            "--retries", "1", "--low-level-retries", "1",
             "--contimeout", f"{NET_TIMEOUT}s", "--timeout", f"{NET_TIMEOUT}s",
-            "--ftp-disable-mlsd", "--ftp-idle-timeout", "1s",
+            "--ftp-disable-mlsd",
             *(["--ftp-disable-epsv"] if mode == "pasv" else []), *args,
         ]
         return run_tool(argv, secret=rclone_obscure(login.password))

@@ -98,8 +98,8 @@ def test_mod_proxy(backend: FtpServer, files: Files, tmp_path: Path) -> None:
     with start_mod_proxy(backend.host, backend.port) as proxy:
         assert proxy.greeting.startswith("220")
         login = Target(proxy.host, proxy.port, backend.user, backend.password)
-        for client, mode in (("curl", "epsv"), ("curl", "port"), ("ftplib", "passive"),
-                             ("lftp", "active")):
+        for client, mode in (("curl", "epsv"), ("curl", "pasv"), ("curl", "eprt"), ("curl", "port"),
+                             ("ftplib", "passive"), ("lftp", "active")):
             check_transfers(CLIENTS[client], mode, login, backend.root, DOWNLOAD, files.upload, tmp_path)
 
 
