@@ -107,12 +107,17 @@ def tools_missing() -> list[str]:
     return missing
 
 
+_tools_checked = False
+
+
 def ensure_tools(timeout: float = 900) -> None:
-    """Run scripts/install-ftp-tools if a client or a server is missing; fail if still missing.
+    """Run scripts/install-ftp-tools once per process (it returns at once when all is
+    there, libraries included); fail if a client or a server is still missing.
 
     A missing tool is an error, never a skip."""
+    global _tools_checked
     with _install_lock:
-        if not tools_missing():
+        if _tools_checked and not tools_missing():
             return
         done = subprocess.run(
             [str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=timeout, cwd=REPO
@@ -123,6 +128,7 @@ def ensure_tools(timeout: float = 900) -> None:
                 f"scripts/install-ftp-tools exited {done.returncode}; missing: {missing}\n"
                 f"{done.stdout}{done.stderr}"
             )
+        _tools_checked = True
 
 
 def nobody() -> tuple[int, int]:
