@@ -27,6 +27,12 @@ wget       ``passive`` (PASV), ``active`` (``--no-passive-ftp``: PORT)
 rclone     ``epsv`` (EPSV), ``pasv`` (``--ftp-disable-epsv``); it has no active mode
 =========  ===============================================================
 
+Over IPv6 a server refuses PASV (its reply cannot carry an IPv6 address), so
+rclone's ``pasv`` fails there; curl, lftp, ftplib, tnftp and wget switch to
+EPSV and EPRT on IPv6 by themselves. lftp 4.9's ``active`` mode does not work
+over IPv6: its EPRT announces the unspecified address ``::`` (it has no
+setting for that address), which ProFTPD, pure-ftpd and pyftpdlib refuse.
+
 FTPS (explicit ``AUTH TLS``, protected data connections): ``Curl``, ``Lftp``
 and ``Ftplib`` take ``tls=True`` and a CA file to trust (``cafile``; without
 one the server's certificate is not verified). curl 7.88 cannot do active
@@ -270,6 +276,8 @@ class Lftp(FtpClient):
             "set xfer:clobber on",
             f"set ftp:passive-mode {'on' if mode == 'passive' else 'off'}",
         ]
+        if ":" not in login.host:  # the address in PORT; lftp has no such setting for EPRT
+            settings.append(f"set ftp:port-ipv4 {local_address(login)}")
         if self.tls:
             settings += ["set ftp:ssl-force true", "set ftp:ssl-protect-data true",
                          "set ftp:ssl-protect-list true"]
@@ -476,8 +484,9 @@ class Rclone(FtpClient):
 
     @staticmethod
     def remote(login: Login, path: str = "") -> str:
-        """``:ftp,host=…,port=…,user=…,pass=…:path``."""
-        fields = {"host": login.host, "port": str(login.port), "user": login.user,
+        """``:ftp,host=…,port=…,user=…,pass=…:path`` (an IPv6 host in brackets: rclone
+        joins host and port with a colon)."""
+        fields = {"host": url_host(login.host), "port": str(login.port), "user": login.user,
                   "pass": rclone_obscure(login.password)}
         spec = ",".join(f"{key}={_rclone_value(value)}" for key, value in fields.items())
         return f":ftp,{spec}:{path}"
