@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from benches.peers import TlsFiles, start_mod_proxy
 
+from benches.peers import TlsFiles, start_mod_proxy
 from tests.ftpclients import (
     CLIENTS,
     Curl,
