@@ -44,6 +44,7 @@ binary or a client is missing.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import functools
@@ -60,6 +61,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -334,6 +336,7 @@ class ForegroundProcess(FtpEndpoint):
                 )
             finally:
                 log.close()
+            _running.add(self)
             try:
                 self.greeting = self._wait_ready()
                 return
@@ -387,10 +390,21 @@ class ForegroundProcess(FtpEndpoint):
                 break
             time.sleep(0.02)
         self.proc = None
+        _running.discard(self)
 
     def stop(self) -> None:
         self._kill_group()
         super().stop()
+
+
+#: Started and not stopped yet: stopped at exit, so an interrupted run leaves no server behind.
+_running: weakref.WeakSet[ForegroundProcess] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for process in list(_running):
+        process.stop()
 
 
 class ProcessServer(ForegroundProcess, FtpServer):
