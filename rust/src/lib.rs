@@ -34,7 +34,7 @@ use crate::bucket::Chain;
 use crate::engine::{Handle, Limits};
 use crate::notify::Notifier;
 use crate::session::Outcome;
-use crate::tlsrelay::{TlsOptions, CONTROL_SIZES, DATA_SIZES};
+use crate::tlsrelay::{TlsOptions, CONTROL_SIZES};
 
 /// A token bucket: ``rate`` bytes/s (0 = unlimited), ``burst`` bytes. May sit
 /// in the chains of many sessions at once; ``set_rate`` applies at once.
@@ -361,7 +361,7 @@ fn start(
                 handshake_timeout: seconds(Some(handshake_timeout), "handshake_timeout")?
                     .unwrap_or_default(),
                 ktls: ktls::available(),
-                sizes: DATA_SIZES,
+                sizes: tlsrelay::data_sizes(),
             };
             engine.start_tls(a, b, limits, notifier.inner.clone(), opts)?
         }

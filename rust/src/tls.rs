@@ -37,22 +37,27 @@ pub const SESSION_CACHE_SIZE: usize = 16384;
 /// Longest tag a session can carry.
 pub const MAX_TAG: usize = 1024;
 
-/// The crypto provider in use ("aws-lc-rs" or "ring").
+/// The crypto provider in use ("aws-lc-rs" or "ring"). The `ring` feature
+/// wins when both are on (the benchmark builds that way: ring in the relay,
+/// aws-lc-rs in its traffic generator). aws-lc-rs is the default: ring was
+/// no cheaper (benches/tls_bench.py, AES-128-GCM, relay CPU per GiB up/down:
+/// ring 1.175/0.990 s, aws-lc-rs 1.155/1.035 s, within the machine's noise),
+/// and aws-lc-rs is rustls's default with the wider choice of algorithms.
 pub fn provider_name() -> &'static str {
-    if cfg!(feature = "aws-lc-rs") {
-        "aws-lc-rs"
-    } else {
+    if cfg!(feature = "ring") {
         "ring"
+    } else {
+        "aws-lc-rs"
     }
 }
 
 /// Preference of a cipher suite (lower first). With `ignore_client_order`,
-/// the server picks: AES-128-GCM before AES-256-GCM before ChaCha20. Measured
-/// with benches/tls_relay.rs (one session, 1 GiB, aws-lc-rs, this project's
-/// 2-vCPU EPYC): AES-128-GCM relayed at 1.13x the rate of AES-256-GCM for
-/// 0.89x its relay CPU per GiB; OpenSSL clients (curl, lftp, Python) offer
-/// AES-256 first, so their order would cost that. All three are what kernel
-/// TLS takes too.
+/// the server picks: AES-128-GCM, then AES-256-GCM, then ChaCha20-Poly1305
+/// (all three are what kernel TLS takes too). Measured with
+/// benches/tls_bench.py (1 GiB through one session, 2 rounds, aws-lc-rs, this
+/// project's 2-vCPU EPYC without VAES): relay CPU per GiB up/down was
+/// AES-128-GCM 1.155/1.035 s, AES-256-GCM 1.210/1.050 s (OpenSSL clients,
+/// curl, lftp, Python, list AES-256 first), ChaCha20 1.820/1.705 s.
 fn suite_rank(suite: CipherSuite) -> u8 {
     let name = format!("{suite:?}");
     let tls13 = if name.starts_with("TLS13_") { 0 } else { 10 };
@@ -67,18 +72,18 @@ fn suite_rank(suite: CipherSuite) -> u8 {
 }
 
 pub(crate) fn provider() -> CryptoProvider {
-    #[cfg(feature = "aws-lc-rs")]
+    #[cfg(not(feature = "ring"))]
     let mut p = rustls::crypto::aws_lc_rs::default_provider();
-    #[cfg(not(feature = "aws-lc-rs"))]
+    #[cfg(feature = "ring")]
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites.sort_by_key(|s| suite_rank(s.suite()));
     p
 }
 
 fn new_ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
-    #[cfg(feature = "aws-lc-rs")]
+    #[cfg(not(feature = "ring"))]
     return rustls::crypto::aws_lc_rs::Ticketer::new();
-    #[cfg(not(feature = "aws-lc-rs"))]
+    #[cfg(feature = "ring")]
     return rustls::crypto::ring::Ticketer::new();
 }
 

@@ -234,7 +234,16 @@ impl Worker {
         let Some(entry) = self.sessions.get_mut(&id) else {
             return;
         };
-        match entry.session.run(now) {
+        let status = entry.session.run(now);
+        // A deadline that moved earlier (a TLS session past its handshake:
+        // from the handshake timeout to the idle one) needs its own timer.
+        if let Some(at) = entry.session.idle_deadline() {
+            if entry.idle_at.is_none_or(|t| at < t) {
+                entry.idle_at = Some(at);
+                self.timers.push(Reverse((at, id, Timer::Idle)));
+            }
+        }
+        match status {
             Status::Finished => self.finish(id, 2, None, now),
             Status::Waiting(Some(at)) => {
                 if entry.throttle_at.is_none_or(|t| at < t) {
@@ -266,7 +275,9 @@ impl Worker {
                         entry.idle_at = Some(deadline);
                         self.timers.push(Reverse((deadline, id, Timer::Idle)));
                     }
-                    _ => {
+                    // No timeout any more (a TLS session past its handshake, without idle timeout).
+                    None => entry.idle_at = None,
+                    Some(_) => {
                         let outcome = entry.session.timeout_outcome();
                         self.end(id, outcome, now)
                     }

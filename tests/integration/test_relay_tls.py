@@ -543,6 +543,21 @@ def test_python_backend_refuses_tls(certs: Certs) -> None:
     b.close()
 
 
+def test_plain_sessions_have_no_tls_facts(backend) -> None:
+    async def main() -> None:
+        client, ra = tcp_pair()
+        rb, server = tcp_pair()
+        handle = backend.start(ra, rb)
+        assert handle.tls_path is None and handle.tls_info() is None
+        with pytest.raises(ValueError, match="need tls"):
+            backend.start(*socket.socketpair(), require_tag=b"x")
+        client.close()
+        server.close()
+        await handle
+
+    run(main())
+
+
 def test_kernel_tls_detection(backend) -> None:
     """kTLS is used when the kernel has the tls ULP; here it says why not."""
     from swiftftp import _splice
