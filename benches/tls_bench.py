@@ -87,7 +87,7 @@ def one_case(
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
             time.sleep(0.2)  # the relay's last reads and closes
             cpu = cpu_seconds(relay.pid) - before
-            secs, gbit = (float(x) for x in out.split())
+            _secs, gbit = (float(x) for x in out.split())
             results.append((gbit, cpu / (nbytes / 2**30)))
     finally:
         err = stop(relay)
@@ -132,7 +132,7 @@ def main() -> None:
                 ("AES-128 sizes 256,256,1024 KiB", aws, certs, "AES_128_GCM", "256,256,1024"),
             ]
         print(f"{args.gib:g} GiB per round, {args.rounds} rounds, {os.cpu_count()} CPUs")
-        print(f"| case | path | up Gbit/s | up relay CPU s/GiB | down Gbit/s | down relay CPU s/GiB |")
+        print("| case | path | up Gbit/s | up relay CPU s/GiB | down Gbit/s | down relay CPU s/GiB |")
         print("| --- | --- | --- | --- | --- | --- |")
         for label, tool, case_certs, suite, sizes in cases:
             up = one_case(tool, "up", nbytes, case_certs, suite, args.rounds, sizes)
