@@ -412,3 +412,132 @@ mod tests {
         assert!(describe(&Control::Other(ALERT, vec![2, 40])).contains("alert"));
     }
 }
+
+/// The kernel's crypto info, checked without a kernel: a record the client
+/// sent after the handshake opens with the key, salt, IV and sequence number
+/// that [`crypto_info`] lays out for `TLS_RX` (the kernel's own nonce
+/// construction, done here by hand).
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+    use crate::tls::tests::{CA, CHAIN, KEY};
+    use crate::tls::TlsConfig;
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+    use std::io::Write;
+    use std::sync::Arc;
+
+    fn pump(from: &mut dyn FnMut(&mut Vec<u8>), to: &mut dyn FnMut(&[u8])) -> bool {
+        let mut buf = Vec::new();
+        from(&mut buf);
+        if !buf.is_empty() {
+            to(&buf);
+        }
+        !buf.is_empty()
+    }
+
+    fn client_record(tls13: bool) -> (ProtocolVersion, CryptoInfo, Vec<u8>) {
+        let mut server_config = (*TlsConfig::new(CHAIN, KEY).unwrap().current().server).clone();
+        server_config.enable_secret_extraction = true;
+        let mut server = ServerConnection::new(Arc::new(server_config)).unwrap();
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(CA) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let version = if tls13 {
+            &rustls::version::TLS13
+        } else {
+            &rustls::version::TLS12
+        };
+        let mut provider = crate::tls::provider();
+        provider
+            .cipher_suites
+            .retain(|s| format!("{:?}", s.suite()).contains("AES_128_GCM"));
+        let config = ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client =
+            ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+        while client.is_handshaking() || server.is_handshaking() || server.wants_write() {
+            let a = pump(
+                &mut |b| {
+                    client.write_tls(b).unwrap();
+                },
+                &mut |b| {
+                    server.read_tls(&mut &b[..]).unwrap();
+                    server.process_new_packets().unwrap();
+                },
+            );
+            let b = pump(
+                &mut |b| {
+                    server.write_tls(b).unwrap();
+                },
+                &mut |b| {
+                    client.read_tls(&mut &b[..]).unwrap();
+                    client.process_new_packets().unwrap();
+                },
+            );
+            assert!(a || b || !client.is_handshaking(), "handshake stuck");
+        }
+        client.writer().write_all(b"hello kernel").unwrap();
+        let mut record = Vec::new();
+        client.write_tls(&mut record).unwrap();
+        let negotiated = server.protocol_version().unwrap();
+        let secrets = server.dangerous_extract_secrets().unwrap();
+        let rx = crypto_info(negotiated, secrets.rx.0, &secrets.rx.1).unwrap();
+        assert!(matches!(rx, CryptoInfo::AesGcm128(_)));
+        (negotiated, rx, record)
+    }
+
+    fn open(rx: &CryptoInfo, nonce: [u8; 12], aad: &[u8], sealed: &mut [u8]) -> Vec<u8> {
+        let (key, ..) = rx.parts();
+        let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key).unwrap());
+        let plain = key
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), sealed)
+            .expect("the record opens with the kernel's key material");
+        plain.to_vec()
+    }
+
+    #[test]
+    fn tls13_record_opens_with_the_kernel_rx_info() {
+        let (version, rx, mut record) = client_record(true);
+        assert_eq!(version, ProtocolVersion::TLSv1_3);
+        let (_, salt, iv, rec_seq) = rx.parts();
+        let len = u16::from_be_bytes([record[3], record[4]]) as usize;
+        let (header, body) = record.split_at_mut(5);
+        // RFC 8446 5.3: (salt || iv) XOR the 64-bit sequence number, right-aligned.
+        let mut nonce = [0u8; 12];
+        nonce[..4].copy_from_slice(salt);
+        nonce[4..].copy_from_slice(iv);
+        for (n, s) in nonce[4..].iter_mut().zip(rec_seq) {
+            *n ^= s;
+        }
+        let plain = open(&rx, nonce, header, &mut body[..len]);
+        assert_eq!(
+            plain, b"hello kernel\x17",
+            "data, then the inner content type"
+        );
+    }
+
+    #[test]
+    fn tls12_record_opens_with_the_kernel_rx_info() {
+        let (version, rx, mut record) = client_record(false);
+        assert_eq!(version, ProtocolVersion::TLSv1_2);
+        let (_, salt, _, rec_seq) = rx.parts();
+        let len = u16::from_be_bytes([record[3], record[4]]) as usize;
+        // RFC 5288: salt || explicit nonce (the first 8 bytes of the record body).
+        let mut nonce = [0u8; 12];
+        nonce[..4].copy_from_slice(salt);
+        nonce[4..].copy_from_slice(&record[5..13]);
+        let plain_len = (len - 8 - 16) as u16;
+        let mut aad = rec_seq.to_vec();
+        aad.extend_from_slice(&[23, 3, 3]);
+        aad.extend_from_slice(&plain_len.to_be_bytes());
+        let plain = open(&rx, nonce, &aad, &mut record[13..5 + len]);
+        assert_eq!(plain, b"hello kernel");
+    }
+}
