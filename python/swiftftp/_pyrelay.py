@@ -231,6 +231,11 @@ class PyRelay:
         return got
 
 
+TLS_UNSUPPORTED = (
+    "TLS (FTPS) needs the rust relay backend (swiftftp._splice); the python backend relays plain TCP only"
+)
+
+
 class PythonBackend:
     """The pure-Python backend (see :mod:`swiftftp.relay` for the interface)."""
 
@@ -250,8 +255,29 @@ class PythonBackend:
         up: Sequence[Any] = (),
         down: Sequence[Any] = (),
         idle_timeout: float | None = None,
+        tls: Any = None,
+        tls_tag: bytes | None = None,
+        require_tag: bytes | None = None,
+        handshake_timeout: float = 10.0,
     ) -> PyRelay:
+        if tls is not None or tls_tag is not None or require_tag is not None:
+            raise NotImplementedError(TLS_UNSUPPORTED)
         return PyRelay(self, a, b, up, down, idle_timeout)
+
+    def tls_config(self, cert_pem: bytes, key_pem: bytes) -> Any:
+        raise NotImplementedError(TLS_UNSUPPORTED)
+
+    def wrap_tls(
+        self,
+        sock: socket.socket,
+        config: Any,
+        tag: bytes | None = None,
+        initial: bytes = b"",
+        idle_timeout: float | None = None,
+        *,
+        handshake_timeout: float = 10.0,
+    ) -> tuple[socket.socket, PyRelay]:
+        raise NotImplementedError(TLS_UNSUPPORTED)
 
     def totals(self) -> tuple[int, int]:
         return self._totals[0], self._totals[1]

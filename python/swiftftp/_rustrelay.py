@@ -7,6 +7,11 @@ session's outcome, watched with ``loop.add_reader``. Draining it resolves the
 matching futures on the loop's own thread, so workers never take the GIL and
 the loop never blocks. Importing this module raises ImportError when the
 extension is not built (``relay.available()`` relies on it).
+
+TLS (FTPS) is terminated here too, on the same workers: ``start(...,
+tls=config)`` for data connections (side ``a`` is the TLS client) and
+``wrap_tls`` for control connections (the plaintext comes out of a socket
+pair, so the control-connection code keeps reading lines from a socket).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from . import _splice
 from .relay import RelayResult
 
 Bucket = _splice.Bucket
+TlsConfig = _splice.TlsConfig
 
 
 class RustRelay:
@@ -46,6 +52,16 @@ class RustRelay:
     def counters(self) -> tuple[int, int]:
         """Bytes delivered so far, (up, down); live, and valid after the end."""
         return self._session.counters()
+
+    @property
+    def tls_path(self) -> str | None:
+        """``"rustls"`` (TLS in user space), ``"ktls"`` (kernel TLS, then splice),
+        ``"handshake"`` while the handshake runs; None for a plain relay."""
+        return self._session.tls_path
+
+    def tls_info(self) -> dict[str, Any] | None:
+        """TLS facts (path, version, cipher, resumed, resumed_tag, sni, note); None if plain."""
+        return self._session.tls_info()
 
     def _on_done(self, future: asyncio.Future[RelayResult]) -> None:
         # The awaiting task was cancelled (which cancels this future): stop the relay.
@@ -148,18 +164,95 @@ class RustBackend:
         up: Sequence[Any] = (),
         down: Sequence[Any] = (),
         idle_timeout: float | None = None,
+        tls: _splice.TlsConfig | None = None,
+        tls_tag: bytes | None = None,
+        require_tag: bytes | None = None,
+        handshake_timeout: float = 10.0,
     ) -> RustRelay:
+        """Relay ``a`` ↔ ``b``. With ``tls``, ``a`` is an FTPS client's data
+        connection: TLS ends here (see :mod:`swiftftp.relay`)."""
         loop = asyncio.get_running_loop()
         up, down = list(up), list(down)
         for bucket in (*up, *down):
             if not isinstance(bucket, _splice.Bucket):
                 raise TypeError(f"not a rust relay bucket: {bucket!r} (use backend.bucket())")
+        if tls is not None and not isinstance(tls, _splice.TlsConfig):
+            raise TypeError(f"not a TLS configuration: {tls!r} (use backend.tls_config())")
         waiter = _waiter(loop)
         # From here on the fds belong to the extension, which closes them.
-        session = _splice.start(a.detach(), b.detach(), waiter.notifier, up, down, idle_timeout=idle_timeout)
+        session = _splice.start(
+            a.detach(),
+            b.detach(),
+            waiter.notifier,
+            up,
+            down,
+            idle_timeout=idle_timeout,
+            tls=tls,
+            tls_tag=tls_tag,
+            require_tag=require_tag,
+            handshake_timeout=handshake_timeout,
+        )
+        return self._track(session, loop, waiter)
+
+    def tls_config(self, cert_pem: bytes, key_pem: bytes) -> _splice.TlsConfig:
+        """The node's certificate chain and key (PEM); ValueError with one line
+        if they are unusable. ``reload()`` swaps them (SIGHUP)."""
+        return _splice.TlsConfig(cert_pem, key_pem)
+
+    def wrap_tls(
+        self,
+        sock: socket.socket,
+        config: _splice.TlsConfig,
+        tag: bytes | None = None,
+        initial: bytes = b"",
+        idle_timeout: float | None = None,
+        *,
+        handshake_timeout: float = 10.0,
+    ) -> tuple[socket.socket, RustRelay]:
+        """Terminate TLS on a control connection (``AUTH TLS``, or implicit FTPS).
+
+        ``sock`` passes to the relay; the returned socket carries its
+        plaintext (same blocking mode as ``sock``) and belongs to the caller.
+        ``initial``: bytes already read from ``sock`` that belong to the TLS
+        stream (a ClientHello pipelined behind ``AUTH TLS``). ``tag`` marks
+        the TLS session so that data connections can be required to resume
+        it (``start(..., require_tag=tag)``). Closing the returned socket
+        sends close_notify and closes the connection; the client's
+        close_notify or EOF is EOF on it.
+        """
+        if not isinstance(config, _splice.TlsConfig):
+            raise TypeError(f"not a TLS configuration: {config!r} (use backend.tls_config())")
+        loop = asyncio.get_running_loop()
+        blocking = sock.getblocking()
+        waiter = _waiter(loop)
+        fd, session = _splice.wrap_tls(
+            sock.detach(),
+            waiter.notifier,
+            config,
+            tag=tag,
+            initial=bytes(initial),
+            idle_timeout=idle_timeout,
+            handshake_timeout=handshake_timeout,
+        )
+        plain = socket.socket(fileno=fd)
+        plain.setblocking(blocking)
+        return plain, self._track(session, loop, waiter)
+
+    @staticmethod
+    def _track(session: _splice.Session, loop: asyncio.AbstractEventLoop, waiter: _Waiter) -> RustRelay:
         relay = RustRelay(session, loop)
         waiter.pending[session.id] = relay
         return relay
+
+    @staticmethod
+    def ktls_available() -> bool:
+        """True when TLS sessions hand their records to kernel TLS (then splice)."""
+        return _splice.ktls_available()
+
+    @staticmethod
+    def tls_status() -> str:
+        """One line for the start-up log: crypto provider and kernel TLS or not, and why."""
+        return f"TLS {_splice.tls_provider()}; {_splice.ktls_status()}"
 
     def totals(self) -> tuple[int, int]:
         return _splice.totals()

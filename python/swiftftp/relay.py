@@ -20,6 +20,28 @@ when the relay ends abnormally; ``cancel()`` closes both sockets and makes the
 await raise ``asyncio.CancelledError``.  Cancelling the task that awaits the
 handle cancels the relay.  ``counters()`` stays valid after the end.
 
+FTPS (Rust backend only; the Python backend raises ``NotImplementedError``
+for any of this).  TLS is terminated at the node with the operator's
+certificate; the device side stays plain:
+
+    config = backend.tls_config(cert_pem, key_pem)   # ValueError: one line why
+    config.reload(cert_pem, key_pem)                 # SIGHUP; running sessions keep theirs
+    plain, ctl = backend.wrap_tls(sock, config, tag=b"ctl12", initial=pending)
+    # ... the control dialogue goes on over `plain`, a socket of plaintext ...
+    handle = backend.start(client_data, device_data, tls=config,
+                           require_tag=b"ctl12")     # PROT P data connection
+    handle.tls_path                                  # "rustls" or "ktls"
+
+A data connection started with ``require_tag`` must resume the TLS session
+of the control connection wrapped with that ``tag`` (what vsftpd's
+``require_ssl_reuse`` asks of clients), else it fails with
+``PermissionError("TLS session not resumed from the control connection")``.
+Handshake failures raise ``OSError`` (errno ``EPROTO``) with rustls's reason,
+a handshake not done within ``handshake_timeout`` (10 s) ``TimeoutError``.
+Counters and buckets count plaintext. Where the kernel has TLS (the ``tls``
+ULP), sessions hand their keys to it after the handshake and splice as plain
+relays do; ``RustBackend.tls_status()`` says which, for the start-up log.
+
 ``SWIFTFTP_RELAY=python`` forces the pure-Python backend; otherwise the Rust
 extension is used when it imports.
 """
@@ -78,7 +100,24 @@ class Backend(Protocol):
         up: Sequence[Bucket] = (),
         down: Sequence[Bucket] = (),
         idle_timeout: float | None = None,
+        tls: Any = None,
+        tls_tag: bytes | None = None,
+        require_tag: bytes | None = None,
+        handshake_timeout: float = 10.0,
     ) -> Relay: ...
+
+    def tls_config(self, cert_pem: bytes, key_pem: bytes) -> Any: ...
+
+    def wrap_tls(
+        self,
+        sock: socket.socket,
+        config: Any,
+        tag: bytes | None = None,
+        initial: bytes = b"",
+        idle_timeout: float | None = None,
+        *,
+        handshake_timeout: float = 10.0,
+    ) -> tuple[socket.socket, Relay]: ...
 
     def totals(self) -> tuple[int, int]: ...
 

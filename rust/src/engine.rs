@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::bucket::Chain;
 use crate::notify::Notifier;
-use crate::session::{Counters, Outcome, Session};
+use crate::session::{Counters, Outcome, Relay, Session};
+use crate::tlsrelay::{SharedInfo, TlsInfo, TlsOptions, TlsRelay};
 use crate::worker::{Command, Inbox};
 
 /// Pipe size per direction, bytes (F_SETPIPE_SZ). Measured with one iperf3
@@ -27,6 +28,8 @@ pub struct Handle {
     pub id: u64,
     /// Live byte counts.
     pub counters: Arc<Counters>,
+    /// TLS facts of a TLS session (None for a plain one).
+    pub tls: Option<SharedInfo>,
     outcome: Mutex<Option<Outcome>>,
     /// Released once told, so a loop's notifier (and its eventfd) goes away
     /// with the last session it waits for, not with the last handle.
@@ -35,6 +38,13 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// A copy of the TLS facts (None for a plain session).
+    pub fn tls_info(&self) -> Option<TlsInfo> {
+        self.tls
+            .as_ref()
+            .map(|i| i.lock().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+
     /// The outcome, once the worker has finished the session.
     pub fn outcome(&self) -> Option<Outcome> {
         self.outcome
@@ -181,6 +191,43 @@ impl Engine {
             self.totals.clone(),
             Instant::now(),
         )?;
+        Ok(self.launch(Box::new(session), counters, None, notifier))
+    }
+
+    /// Like [`Engine::start`], with TLS terminated on `a` (see [`TlsRelay`]).
+    pub fn start_tls(
+        &self,
+        a: OwnedFd,
+        b: OwnedFd,
+        limits: Limits,
+        notifier: Arc<Notifier>,
+        opts: TlsOptions,
+    ) -> io::Result<Arc<Handle>> {
+        let counters = Arc::new(Counters::default());
+        let info: SharedInfo = Arc::default();
+        let session = TlsRelay::new(
+            a,
+            b,
+            limits.up,
+            limits.down,
+            limits.idle,
+            self.pipe_size,
+            counters.clone(),
+            self.totals.clone(),
+            Instant::now(),
+            opts,
+            info.clone(),
+        )?;
+        Ok(self.launch(Box::new(session), counters, Some(info), notifier))
+    }
+
+    fn launch(
+        &self,
+        session: Box<dyn Relay>,
+        counters: Arc<Counters>,
+        tls: Option<SharedInfo>,
+        notifier: Arc<Notifier>,
+    ) -> Arc<Handle> {
         let inbox = self
             .inboxes
             .iter()
@@ -190,13 +237,14 @@ impl Engine {
         let handle = Arc::new(Handle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             counters,
+            tls,
             outcome: Mutex::new(None),
             notifier: Mutex::new(Some(notifier)),
             inbox: inbox.clone(),
         });
         inbox.load.fetch_add(1, Ordering::Relaxed);
-        inbox.send(Command::Start(Box::new(session), handle.clone()));
-        Ok(handle)
+        inbox.send(Command::Start(session, handle.clone()));
+        handle
     }
 
     /// A bucket's rate changed: every worker re-evaluates its sleepers now.

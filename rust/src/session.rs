@@ -41,7 +41,7 @@ impl Counters {
         )
     }
 
-    fn add(&self, dir: usize, n: u64) {
+    pub(crate) fn add(&self, dir: usize, n: u64) {
         self.dirs[dir].fetch_add(n, Ordering::Relaxed);
     }
 }
@@ -53,6 +53,8 @@ pub enum Outcome {
     Done(u64, u64),
     /// A socket failed (reset, broken pipe...): the errno.
     Failed(Errno),
+    /// Failed for a reason the errno alone does not say (TLS): errno, message.
+    FailedWith(Errno, String),
     /// No byte either way for the idle timeout.
     TimedOut,
     /// Cancelled by its owner.
@@ -86,6 +88,58 @@ enum Next {
     Busy,
 }
 
+/// What a worker drives: the splice [`Session`] here, or a TLS session
+/// ([`crate::tlsrelay::TlsRelay`]). See [`Session`]'s methods of the same names.
+pub trait Relay: Send + std::fmt::Debug {
+    /// The raw fds of sides a and b (for registering with the poller).
+    fn fds(&self) -> [RawFd; 2];
+    /// The poller reported `side` ready.
+    fn ready(&mut self, side: usize, readable: bool, writable: bool, error: bool);
+    /// The poller reported urgent data on `side`.
+    fn urgent(&mut self, side: usize);
+    /// True while a direction sleeps for tokens.
+    fn is_throttled(&self) -> bool;
+    /// When the session times out if nothing moves before.
+    fn idle_deadline(&self) -> Option<Instant>;
+    /// The outcome when that deadline passes.
+    fn timeout_outcome(&self) -> Outcome {
+        Outcome::TimedOut
+    }
+    /// The outcome, once finished.
+    fn outcome(&self) -> Option<&Outcome>;
+    /// End the session early (timeout, cancel).
+    fn end(&mut self, outcome: Outcome, now: Instant);
+    /// Move every byte that can move now.
+    fn run(&mut self, now: Instant) -> Status;
+}
+
+impl Relay for Session {
+    fn fds(&self) -> [RawFd; 2] {
+        Session::fds(self)
+    }
+    fn ready(&mut self, side: usize, readable: bool, writable: bool, error: bool) {
+        Session::ready(self, side, readable, writable, error)
+    }
+    fn urgent(&mut self, side: usize) {
+        Session::urgent(self, side)
+    }
+    fn is_throttled(&self) -> bool {
+        Session::is_throttled(self)
+    }
+    fn idle_deadline(&self) -> Option<Instant> {
+        Session::idle_deadline(self)
+    }
+    fn outcome(&self) -> Option<&Outcome> {
+        Session::outcome(self)
+    }
+    fn end(&mut self, outcome: Outcome, now: Instant) {
+        Session::end(self, outcome, now)
+    }
+    fn run(&mut self, now: Instant) -> Status {
+        Session::run(self, now)
+    }
+}
+
 /// Side 0 is `a`, side 1 is `b`; direction 0 (up) goes a → b, 1 (down) b → a.
 #[derive(Debug)]
 struct Direction {
@@ -116,6 +170,10 @@ pub struct Session {
     idle: Option<Duration>,
     last_active: Instant,
     error: Option<Errno>,
+    /// What the error was, when the errno alone does not say (kernel TLS).
+    fail_msg: Option<String>,
+    /// The side has kernel TLS on it: splice stops at non-data records.
+    ktls: [bool; 2],
     outcome: Option<Outcome>,
     counters: Arc<Counters>,
     totals: Arc<Counters>,
@@ -168,15 +226,28 @@ impl Session {
             idle,
             last_active: now,
             error: None,
+            fail_msg: None,
+            ktls: [false, false],
             outcome: None,
             counters,
             totals,
         })
     }
 
+    /// `side` carries kernel TLS: a close_notify from it is its EOF, other
+    /// control records fail the session, and its EOF is a close_notify.
+    pub fn set_ktls(&mut self, side: usize) {
+        self.ktls[side] = true;
+    }
+
     /// The raw fds of sides a and b (for registering with the poller).
     pub fn fds(&self) -> [RawFd; 2] {
         [self.socks[0].as_raw_fd(), self.socks[1].as_raw_fd()]
+    }
+
+    /// The socket of `side`.
+    pub fn sock(&self, side: usize) -> std::os::fd::BorrowedFd<'_> {
+        self.socks[side].as_fd()
     }
 
     /// The poller reported `side` ready. On an error event the socket's
@@ -259,7 +330,11 @@ impl Session {
         }
         match result {
             Err(e) => {
-                self.end(Outcome::Failed(e), now);
+                let outcome = match self.fail_msg.take() {
+                    Some(msg) => Outcome::FailedWith(e, msg),
+                    None => Outcome::Failed(e),
+                };
+                self.end(outcome, now);
                 Status::Finished
             }
             Ok(()) if self.dirs.iter().all(|d| d.shut) => {
@@ -329,6 +404,17 @@ impl Session {
                 if maybe_mark {
                     got = d.pipe.fill_by_recv(src_fd, max);
                 }
+                if self.ktls[src] && matches!(got, Err(Errno::EINVAL | Errno::EIO)) {
+                    // Kernel TLS stopped at a record that is not data.
+                    got = match crate::ktls::recv_control(src_fd) {
+                        Ok(crate::ktls::Control::CloseNotify) => Ok(0),
+                        Ok(other) => {
+                            self.fail_msg = Some(crate::ktls::describe(&other));
+                            Err(Errno::EPROTO)
+                        }
+                        Err(e) => Err(e),
+                    };
+                }
                 match got {
                     Ok(0) => {
                         d.eof = true;
@@ -353,8 +439,20 @@ impl Session {
             if d.eof && d.pipe.is_empty() && !d.shut {
                 // Half-close: everything before the EOF was delivered. A peer
                 // already gone shows up on the other direction, not here.
-                let _ = shutdown(self.socks[dst].as_raw_fd(), Shutdown::Write);
-                d.shut = true;
+                let mut close = true;
+                if self.ktls[dst] {
+                    // Sent, or the peer is gone (which the other way reports):
+                    // shut. Its buffer full: try again once writable.
+                    let sent = crate::ktls::send_close_notify(self.socks[dst].as_fd());
+                    if sent == Err(Errno::EAGAIN) {
+                        self.writable[dst] = false;
+                        close = false;
+                    }
+                }
+                if close {
+                    let _ = shutdown(self.socks[dst].as_raw_fd(), Shutdown::Write);
+                    d.shut = true;
+                }
             }
             if !progress {
                 return Ok(Next::Idle);

@@ -14,7 +14,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use nix::errno::Errno;
 
 use crate::engine::Handle;
-use crate::session::{Outcome, Session, Status};
+use crate::session::{Outcome, Relay, Status};
 
 const WAKE: Token = Token(usize::MAX);
 
@@ -22,7 +22,7 @@ const WAKE: Token = Token(usize::MAX);
 #[derive(Debug)]
 pub enum Command {
     /// Take over this session.
-    Start(Box<Session>, Arc<Handle>),
+    Start(Box<dyn Relay>, Arc<Handle>),
     /// Close this session's sockets; its outcome becomes `Cancelled`.
     Cancel(u64),
     /// A bucket's rate changed: re-evaluate throttled sessions now.
@@ -65,7 +65,7 @@ enum Timer {
 
 #[derive(Debug)]
 struct Entry {
-    session: Session,
+    session: Box<dyn Relay>,
     handle: Arc<Handle>,
     /// Earliest throttle timer queued for this session.
     throttle_at: Option<Instant>,
@@ -168,7 +168,7 @@ impl Worker {
 
     fn command(&mut self, cmd: Command, now: Instant) {
         match cmd {
-            Command::Start(session, handle) => self.adopt(*session, handle, now),
+            Command::Start(session, handle) => self.adopt(session, handle, now),
             Command::Cancel(id) => self.end(id, Outcome::Cancelled, now),
             Command::Rebucket => {
                 let ids: Vec<u64> = self
@@ -191,7 +191,7 @@ impl Worker {
         }
     }
 
-    fn adopt(&mut self, session: Session, handle: Arc<Handle>, now: Instant) {
+    fn adopt(&mut self, session: Box<dyn Relay>, handle: Arc<Handle>, now: Instant) {
         let id = handle.id;
         let registry = self.poll.registry();
         let mut registered = 0;
@@ -234,7 +234,16 @@ impl Worker {
         let Some(entry) = self.sessions.get_mut(&id) else {
             return;
         };
-        match entry.session.run(now) {
+        let status = entry.session.run(now);
+        // A deadline that moved earlier (a TLS session past its handshake:
+        // from the handshake timeout to the idle one) needs its own timer.
+        if let Some(at) = entry.session.idle_deadline() {
+            if entry.idle_at.is_none_or(|t| at < t) {
+                entry.idle_at = Some(at);
+                self.timers.push(Reverse((at, id, Timer::Idle)));
+            }
+        }
+        match status {
             Status::Finished => self.finish(id, 2, None, now),
             Status::Waiting(Some(at)) => {
                 if entry.throttle_at.is_none_or(|t| at < t) {
@@ -266,7 +275,12 @@ impl Worker {
                         entry.idle_at = Some(deadline);
                         self.timers.push(Reverse((deadline, id, Timer::Idle)));
                     }
-                    _ => self.end(id, Outcome::TimedOut, now),
+                    // No timeout any more (a TLS session past its handshake, without idle timeout).
+                    None => entry.idle_at = None,
+                    Some(_) => {
+                        let outcome = entry.session.timeout_outcome();
+                        self.end(id, outcome, now)
+                    }
                 },
                 _ => {} // superseded by an earlier timer of the same kind
             }
