@@ -422,8 +422,9 @@ def _not_a_table(section: str, value: Any, where: str) -> str:
     homes = [o.section for o in OPTIONS if o.key == section]
     if homes:
         return f"{section}: a setting outside any table; put it under [{homes[0]}] ({where})"
-    close = difflib.get_close_matches(section, [*SECTIONS, *(o.key for o in OPTIONS)], n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]}?" if close else ""
+    names = {f"[{s}]": s for s in SECTIONS} | {f"{o.section}.{o.key}": o.key for o in OPTIONS}
+    close = difflib.get_close_matches(section, list(names.values()), n=1, cutoff=0.7)
+    hint = f"; did you mean {next(n for n, v in names.items() if v == close[0])}?" if close else ""
     return f"{section}: unknown setting outside any table{hint} ({where})"
 
 
