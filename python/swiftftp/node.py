@@ -420,6 +420,7 @@ class ProxyNode:
     def _closed(self, info: Session, outcome: str) -> None:
         up, down = info.counters()
         duration = time.monotonic() - info.opened
+        self.stats.session_closed(info.kind, info.prefix, up, down, duration)  # ops hook: histograms
         self.sessions.discard(info)
         self.left()
         if info.kind != "command":
