@@ -360,3 +360,23 @@ def test_node_works_under_memory_deny_write_execute(tmp_path: Path) -> None:
     finally:
         device.stop()
         node.kill()
+
+
+# ---- the unit's hardening score ------------------------------------------------------------
+
+
+def test_unit_hardening_score() -> None:
+    """``systemd-analyze security --offline=true`` scores the unit at most 3.0, and the
+    unit's comment gives the score it gets."""
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("no systemd-analyze here")
+    unit = Path(__file__).parents[2] / "contrib" / "swiftftp-proxy.service"
+    done = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)],
+                          capture_output=True, text=True, timeout=60)
+    if "--offline" in done.stderr:
+        pytest.skip(f"this systemd-analyze has no --offline: {done.stderr.strip()}")
+    m = re.search(r"Overall exposure level for swiftftp-proxy\.service: (\d+\.\d)", done.stdout)
+    assert m, done.stdout[-500:] + done.stderr
+    assert float(m[1]) <= 3.0
+    assert f"scores {m[1]} OK" in unit.read_text()
