@@ -167,6 +167,49 @@ def test_status_page_in_a_real_browser(tmp_path: Path) -> None:
         node.kill()
 
 
+def test_readiness_follows_the_fleet_heartbeat(tmp_path: Path) -> None:
+    """In a fleet, /readyz is 503 once a heartbeat could not reach the bucket (moto's S3
+    server process, stopped under the node)."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    credentials = {"AWS_ACCESS_KEY_ID": "ops-test", "AWS_SECRET_ACCESS_KEY": "ops-test",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+    moto = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=clean_env(**credentials))
+    node = None
+    try:
+        def up() -> bool:
+            assert moto.poll() is None, "moto server exited"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(up, 30, "moto server listening")
+        endpoint = f"http://127.0.0.1:{port}"
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="ops-test",
+                     aws_secret_access_key="ops-test", region_name="us-east-1").create_bucket(Bucket="ops")
+        config = node_config(tmp_path, f'[fleet]\nbucket = "ops"\ns3_endpoint = "{endpoint}"\n'
+                                       'host = "node-a"\nheartbeat = 0.3\n')
+        node = Serve("--config", str(config), env=clean_env(**credentials))
+        assert node.get("/readyz")[:3:2] == (200, b"ready\n")
+        moto.terminate()
+        moto.wait(10)
+        wait_until(lambda: node.get("/readyz")[0] == 503, 30, "readyz to see the failed heartbeat")
+        body = node.get("/readyz")[2].decode()
+        assert body.startswith("not ready: fleet bucket unreachable at the last heartbeat: S3 bucket 'ops': ")
+        assert body.count("\n") == 1
+        assert node.stop() == 0
+    finally:
+        if node:
+            node.kill()
+        if moto.poll() is None:
+            moto.kill()
+            moto.wait(5)
+
+
 # ---- systemd: sd_notify on a real datagram socket ----------------------------------------
 
 
