@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,13 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import logs
 from .protocol import notice
 
 if TYPE_CHECKING:
     from .state import Node
 
 
+log = logging.getLogger("swiftftp.admin")
+
+
+class AdminError(Exception):
+    """The running node could not be asked: none runs there, or it did not answer."""
+
+
 def socket_path(state_dir: Path) -> Path:
+    """The control socket of the node whose state directory is ``state_dir``."""
     return state_dir / "control.sock"
 
 
@@ -36,6 +46,7 @@ async def _execute(node: Node, request: dict[str, Any]) -> dict[str, Any]:
         if device is None or device.command is None:
             return {"ok": False, "error": f"device {prefix!r} is not online on this node"}
         device.command.notify(notice(text))
+        logs.event(log, "device_message", prefix=prefix.lower(), text=text)
         return {"ok": True}
     if command == "online":
         table = node.table
@@ -44,10 +55,12 @@ async def _execute(node: Node, request: dict[str, Any]) -> dict[str, Any]:
 
 
 async def serve(node: Node, path: Path) -> asyncio.Server:
+    """Listen on ``path`` (mode 0600) for requests to ``node``."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request: a line of JSON in, a line of JSON out."""
         try:
             async with asyncio.timeout(10):
                 line = await reader.readline()
@@ -74,15 +87,31 @@ async def serve(node: Node, path: Path) -> asyncio.Server:
 
 
 def request(path: Path, message: dict[str, Any], timeout: float = 10) -> dict[str, Any]:
-    """Send one request to a running node (blocking; for the CLI)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(orjson.dumps(message) + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return orjson.loads(data)
+    """Send one request to a running node and return its reply (blocking; for the CLI).
+    Raises :class:`AdminError` with one line saying why when there is no reply."""
+    data = b""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(orjson.dumps(message) + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        raise AdminError(f"the node at {path} did not answer within {timeout:g} s") from None
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise AdminError(f"no running node at {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise AdminError(f"cannot reach the node at {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise AdminError(f"the node at {path} closed the connection without an answer")
+    try:
+        reply = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise AdminError(f"the node at {path} answered something else than JSON: {data[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise AdminError(f"the node at {path} answered {reply!r}, not a JSON object")
+    return reply

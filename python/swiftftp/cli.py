@@ -1,6 +1,7 @@
 """Command-line entry points: ``swiftftp-proxy`` and ``swiftftp-agent``.
 
-Exit status: 0 done, 1 failed at run time, 2 bad usage or configuration.
+Exit status: 0 done, 1 failed at run time, 2 bad usage or configuration.  An
+operator's error is one line on stderr (one per problem), never a traceback.
 """
 
 from __future__ import annotations
@@ -8,18 +9,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import ipaddress
 import logging
 import resource
+import shutil
 import signal
+import socket
+import sqlite3
 import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs
-from .config import Settings, describe, load_settings, parse_bytes, parse_host_port
+from . import __version__, logs, sdnotify
+from .config import (
+    Loaded,
+    Settings,
+    check_environment,
+    describe,
+    load,
+    load_settings,
+    parse_bytes,
+    parse_host_port,
+    resolve,
+)
 from .errors import ConfigError, FleetError
 from .net import bracketed
 
@@ -34,107 +52,192 @@ _NODE_FLAGS = {
 }
 
 
-def _fail(message: str, status: int = 2) -> int:
-    print(f"swiftftp-proxy: {message}", file=sys.stderr)
+def _fail(message: str, status: int = 2, prog: str = "swiftftp-proxy") -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
     return status
 
 
-def _settings(args: argparse.Namespace, **forced: Any) -> Settings:
+def _config_errors(issues: list[str]) -> int:
+    for issue in issues:
+        print(f"swiftftp-proxy: config error: {issue}", file=sys.stderr)
+    return 2
+
+
+def _load(args: argparse.Namespace, **forced: Any) -> Loaded:
     """Defaults ← --config file ← SWIFTFTP_* ← flags given on the command line."""
+    overrides = {attr: getattr(args, flag, None) for flag, attr in _NODE_FLAGS.items()}
+    overrides.update(forced)
+    return load(getattr(args, "config", None), overrides=overrides)
+
+
+def _settings(args: argparse.Namespace, **forced: Any) -> Settings:
+    """Like :func:`_load`; raises :class:`ConfigError` on the first problem."""
     overrides = {attr: getattr(args, flag, None) for flag, attr in _NODE_FLAGS.items()}
     overrides.update(forced)
     return load_settings(getattr(args, "config", None), overrides=overrides)
 
 
 def _add_node_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--listen", metavar="ADDR", help="listen address (default 0.0.0.0)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file (see contrib/node.toml)")
+    p.add_argument("--listen", metavar="ADDR", help="listen address (default 0.0.0.0; :: for IPv6 too)")
     p.add_argument("--ftp-port", metavar="N", help="FTP clients' port (default 2121)")
     p.add_argument("--device-port", metavar="N", help="devices' port (default 2222)")
-    p.add_argument("--state-dir", metavar="DIR", help="registry and logs (default ~/.local/state/swiftftp)")
-    p.add_argument("--public-address", metavar="ADDR", help="address for 227 replies")
-    p.add_argument("--data-ports", metavar="LOW-HIGH", help="passive/rendezvous ports (40000-44999)")
-    p.add_argument("--relay", choices=["rust", "python"], help="relay backend")
-    p.add_argument("--stats-listen", metavar="ADDR:PORT", help="HTTP stats (127.0.0.1:9121; 'off')")
-    p.add_argument("--log-format", choices=["plain", "json"])
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="registry, control socket and transfer log (default ~/.local/state/swiftftp)")
+    p.add_argument("--public-address", metavar="ADDR",
+                   help="IP address put into 227 replies (default: the address each client reached)")
+    p.add_argument("--data-ports", metavar="LOW-HIGH",
+                   help="rendezvous and passive listener ports (default 40000-44999; 0: any)")
+    p.add_argument("--relay", choices=["rust", "python"], help="relay backend (default rust when built)")
+    p.add_argument("--stats-listen", metavar="ADDR:PORT",
+                   help="HTTP status page, /metrics, /stats, /healthz, /readyz (default "
+                        "127.0.0.1:9121; 'off')")
+    p.add_argument("--log-format", choices=["plain", "json"],
+                   help="log lines on stderr: plain text (default) or one JSON object each")
     p.add_argument("--s3-bucket", metavar="NAME", help="join the fleet kept in this S3 bucket")
-    p.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint (default AWS)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--s3-endpoint", metavar="URL", help="S3 endpoint of the fleet's bucket (default AWS)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-async def _until_signalled(main: asyncio.Future, on_hup: Any = None) -> int | None:
-    """Run until ``main`` ends or SIGINT/SIGTERM arrives (returned); SIGHUP calls ``on_hup``."""
-    loop = asyncio.get_running_loop()
-    stop: asyncio.Future[int] = loop.create_future()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda sig=sig: stop.done() or stop.set_result(sig))
-    if on_hup:
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        await asyncio.wait({main, stop}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+class Signals:
+    """SIGINT and SIGTERM queued for :meth:`until`, SIGHUP calling ``on_hup``: installed
+    on entry (before a ready line is printed, so a signal sent on seeing it is never
+    the default action), removed on exit."""
+
+    def __init__(self, on_hup: Callable[[], None] | None = None) -> None:
+        self.on_hup = on_hup
+        self.received: asyncio.Queue[int] = asyncio.Queue()
+
+    def __enter__(self) -> Signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.received.put_nowait, sig)
+        if self.on_hup:
+            loop.add_signal_handler(signal.SIGHUP, self.on_hup)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-    return stop.result() if stop.done() else None
+
+    async def until(self, main: asyncio.Future) -> int | None:
+        """Wait until ``main`` ends (None) or SIGINT/SIGTERM arrives (the signal)."""
+        got = asyncio.ensure_future(self.received.get())
+        try:
+            await asyncio.wait({main, got}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not got.done():
+                got.cancel()
+        return got.result() if got.done() and not got.cancelled() else None
 
 
-def _raise_fd_limit() -> None:
+def _raise_fd_limit() -> int:
     """Every session holds 2 to 4 descriptors: use all the system allows, not the
-    1024 a login shell usually starts with."""
+    1024 a login shell usually starts with.  Returns the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    log.info("file descriptor limit %d", resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _listen_failure(settings: Settings, exc: OSError) -> str:
+    """Which listener could not be bound, by setting and port, once the node failed to
+    start; the bare error when every port binds again."""
+    wanted = [("node.device_port", settings.listen, settings.device_port),
+              ("node.ftp_port", settings.listen, settings.ftp_port)]
+    if settings.stats_listen:
+        wanted.append(("node.stats_listen", settings.stats_listen[0] or "0.0.0.0", settings.stats_listen[1]))
+    for setting, host, port in wanted:
+        if port == 0:
+            continue
+        try:
+            family, address = resolve(host)[0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((address, port))
+        except (OSError, ValueError) as failed:
+            reason = getattr(failed, "strerror", None) or str(failed)
+            hint = " (another node running?)" if getattr(failed, "errno", None) == errno.EADDRINUSE else ""
+            return f"cannot listen on {bracketed(host)} port {port} ({setting}): {reason}{hint}"
+    return f"cannot listen: {exc.strerror or exc}"
 
 
 async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from .node import ProxyNode
 
-    _raise_fd_limit()
-    node = ProxyNode(settings)
+    fd_limit = _raise_fd_limit()
+    try:
+        node = ProxyNode(settings)
+    except (sqlite3.Error, OSError) as exc:
+        return _fail(f"cannot open the registry {settings.registry_path} (node.state_dir): {exc}", 1)
+    except (ImportError, ValueError) as exc:
+        return _fail(f"relay backend {settings.relay_backend or 'rust'} unavailable (node.relay): {exc}", 1)
     try:
         await node.start()
     except OSError as exc:
         node.registry.close()
-        return _fail(f"cannot listen: {exc}", 1)
+        return _fail(_listen_failure(settings, exc), 1)
     except (FleetError, ConfigError) as exc:
         node.registry.close()
         return _fail(f"cannot join the fleet: {exc}", 1)
-    stats = ""
-    if node.stats_address:
-        stats = f", stats http://{bracketed(node.stats_address[0])}:{node.stats_address[1]}"
-    print(
-        f"swiftftp-proxy {__version__} listening on {bracketed(settings.listen)}: "
-        f"FTP clients port {node.ftp_port}, devices port {node.device_port}, "
-        f"relay {node.backend.name}{stats}",
-        flush=True,
-    )
+    node.stats.listening = True
+    logs.event(log, "file_descriptor_limit", soft=fd_limit)
+    serving = (f"FTP clients port {node.ftp_port}, devices port {node.device_port}, "
+               f"relay {node.backend.name}")
 
     def reload() -> None:
+        sdnotify.reloading()
+        reopened = logs.reopen()
         try:
             node.reload(_settings(args))
+            sdnotify.ready(f"serving, configuration reloaded: {serving}")
         except ConfigError as exc:
-            log.error("reload refused, settings unchanged: %s", exc)
+            for issue in exc.issues:
+                logs.event(log, "reload_refused", level=logging.ERROR, reason=issue)
+            sdnotify.ready(f"serving, reload refused (see the log): {serving}")
+        logs.event(log, "logs_reopened", files=reopened, level=logging.DEBUG)
 
     forever = asyncio.ensure_future(asyncio.Event().wait())
     try:
-        if await _until_signalled(forever, on_hup=reload) == signal.SIGTERM and settings.drain_timeout:
-            # SIGTERM (systemd's stop) lets running transfers finish; SIGINT stops at once
-            drain = asyncio.ensure_future(node.drain(settings.drain_timeout))
-            if await _until_signalled(drain) is not None:
-                log.warning("stopping now, without waiting for the drain")
-            drain.cancel()
+        with Signals(on_hup=reload) as signals:
+            stats = ""
+            if node.stats_address:
+                stats = f", stats http://{bracketed(node.stats_address[0])}:{node.stats_address[1]}"
+            print(f"swiftftp-proxy {__version__} listening on {bracketed(settings.listen)}: {serving}{stats}",
+                  flush=True)
+            sdnotify.ready(f"serving: {serving}")
+            stop = await signals.until(forever)
+            if stop == signal.SIGTERM and settings.drain_timeout:
+                # SIGTERM (systemd's stop) lets running transfers finish; SIGINT stops at once
+                sdnotify.stopping(f"draining: up to {settings.drain_timeout:g} s for {node.busy} "
+                                  "clients and transfers")
+                drain = asyncio.ensure_future(node.drain(settings.drain_timeout))
+                if await signals.until(drain) is not None:
+                    logs.event(log, "stopping_now", level=logging.WARNING,
+                               reason="signalled again during the drain")
+                drain.cancel()
+            sdnotify.stopping("stopping")
     finally:
+        node.stats.listening = False
         forever.cancel()
         await node.close()
         node.registry.close()
-    log.info("stopped")
+    logs.event(log, "stopped")
     return 0
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(a).is_loopback for _, a in resolve(host))
+    except ValueError:
+        return False
+
+
 async def _demo(settings: Settings) -> int:
-    """A node, a pyftpdlib server on a folder and an agent, all on loopback."""
+    """A node, a pyftpdlib server on a folder and an agent, all on loopback.  The URL is
+    the first and only line on stdout; everything else goes to stderr."""
     import threading
 
     from .agent import Agent, AgentSettings
@@ -151,32 +254,48 @@ async def _demo(settings: Settings) -> int:
     if not any(folder.iterdir()):
         (folder / "hello.txt").write_text("Hello from behind the NAT!\n")
     authorizer = DummyAuthorizer()
-    authorizer.add_anonymous(str(folder), perm="elradfmw")
+    with warnings.catch_warnings():  # "write permissions assigned to anonymous user": wanted here
+        warnings.simplefilter("ignore")
+        authorizer.add_anonymous(str(folder), perm="elradfmw")
     handler = type("DemoHandler", (FTPHandler,), {"authorizer": authorizer})
     logging.getLogger("pyftpdlib").setLevel(logging.WARNING)
     ftpd = ThreadedFTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=ftpd.serve_forever, kwargs={"timeout": 0.2}, daemon=True).start()
-    node = ProxyNode(settings)
+    try:
+        node = ProxyNode(settings)
+    except (sqlite3.Error, OSError) as exc:
+        ftpd.close_all()
+        return _fail(f"cannot open the registry {settings.registry_path}: {exc}", 1)
     try:
         await node.start()
     except OSError as exc:
         ftpd.close_all()
-        return _fail(f"cannot listen: {exc}", 1)
-    host = "127.0.0.1" if settings.listen in ("0.0.0.0", "::") else settings.listen
+        node.registry.close()
+        return _fail(_listen_failure(settings, exc), 1)
+    node.stats.listening = True
     ready = asyncio.get_running_loop().create_future()
     agent = Agent(
         AgentSettings(
-            proxy_host=host, proxy_port=node.device_port, ftp_host="127.0.0.1",
+            proxy_host=settings.listen, proxy_port=node.device_port, ftp_host="127.0.0.1",
             ftp_port=ftpd.address[1], state_dir=settings.state_dir, client_port=node.ftp_port,
         ),
         on_ready=lambda url: ready.done() or ready.set_result(url),
     )
     agent_task = asyncio.ensure_future(agent.run())
     try:
-        url = await asyncio.wait_for(ready, 15)
-        print(f"demo ready: serving {folder} (Ctrl-C to stop)", flush=True)
-        print(url, flush=True)
-        await _until_signalled(agent_task)
+        with Signals() as signals:
+            waiting = asyncio.ensure_future(asyncio.wait_for(asyncio.shield(ready), 15))
+            stopped = await signals.until(waiting)
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await waiting
+            if stopped is not None:
+                return 0
+            if not ready.done():
+                return _fail("demo: the agent did not come online within 15 s", 1)
+            print(ready.result(), flush=True)
+            print(f"demo ready: serving {folder} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            await signals.until(agent_task)
     finally:
         agent_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -210,38 +329,66 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _online(settings: Settings) -> tuple[set[str] | None, str]:
+    """Prefixes online on the node running on this state dir (asked through its
+    control socket), or None and why not."""
+    from . import admin
+
+    path = admin.socket_path(settings.state_dir)
+    try:
+        reply = admin.request(path, {"command": "online"}, timeout=5)
+    except admin.AdminError as exc:
+        return None, str(exc)
+    if not reply.get("ok") or not isinstance(reply.get("prefixes"), list):
+        return None, f"the node at {path} did not say: {reply.get('error', reply)}"
+    return set(reply["prefixes"]), ""
+
+
 def _devices(args: argparse.Namespace) -> int:
     from . import admin
     from .quota import period_key
     from .registry import Registry
+    from .stats import human_bytes
 
     settings = _settings(args)
     if args.action == "message":
         path = admin.socket_path(settings.state_dir)
         try:
             reply = admin.request(path, {"command": "message", "prefix": args.key, "text": args.text})
-        except OSError as exc:
-            return _fail(f"no running node at {path}: {exc}", 1)
+        except admin.AdminError as exc:
+            return _fail(str(exc), 1)
         if not reply.get("ok"):
             return _fail(reply.get("error", "refused"), 1)
         print(f"sent to {args.key}")
         return 0
+    if args.action == "set-rate" and args.upload is None and args.download is None:
+        return _fail("devices set-rate: give --upload RATE, --download RATE or both "
+                     "(RATE in bytes/s like 2M, or 'default')")
     if not settings.registry_path.exists():
         return _fail(f"no registry at {settings.registry_path}", 1)
-    registry = Registry(settings.registry_path)
+    try:
+        registry = Registry(settings.registry_path)
+    except sqlite3.Error as exc:
+        return _fail(f"cannot open the registry {settings.registry_path}: {exc}", 1)
     period = period_key(settings.quota_period)
     try:
         if args.action == "list":
             records = registry.all()
-            print(f"{'prefix':<8} {'device id':<36} {'used':>14} {'quota':>14} {'up B/s':>10} "
-                  f"{'down B/s':>10}  last seen")
+            online, why = _online(settings)
+            print(f"{'prefix':<8} {'device id':<36} {'online':<6} {'used':>10} {'quota':>10} "
+                  f"{'upload':>12} {'download':>12}  last seen")
             for r in records:
                 quota = r.quota_bytes if r.quota_bytes is not None else settings.quota_bytes
-                print(f"{r.prefix:<8} {r.android_id[:36]:<36} {registry.usage(r.android_id, period):>14} "
-                      f"{quota or 'unlimited':>14} {_rate(r.upload_rate):>10} "
-                      f"{_rate(r.download_rate):>10}  "
+                state = "?" if online is None else "yes" if r.prefix in online else "no"
+                print(f"{r.prefix:<8} {r.android_id[:36]:<36} {state:<6} "
+                      f"{human_bytes(registry.usage(r.android_id, period)):>10} "
+                      f"{human_bytes(quota) if quota else 'unlimited':>10} "
+                      f"{_rate(r.upload_rate, human=True):>12} {_rate(r.download_rate, human=True):>12}  "
                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.last_seen))}")
-            print(f"{len(records)} devices; usage period {period}")
+            print(f"{len(records)} devices; usage period {period}"
+                  + (f"; {len(online)} online" if online is not None else ""))
+            if online is None:
+                print(f"online: unknown ({why})")
             return 0
         record = registry.find(args.key)
         if record is None:
@@ -249,10 +396,11 @@ def _devices(args: argparse.Namespace) -> int:
         if args.action == "show":
             quota = record.quota_bytes if record.quota_bytes is not None else settings.quota_bytes
             source = "device" if record.quota_bytes is not None else "node default"
+            used = registry.usage(record.android_id, period)
             for key, value in (
                 ("prefix", record.prefix), ("device id", record.android_id),
                 ("first seen", time.ctime(record.created)), ("last seen", time.ctime(record.last_seen)),
-                ("usage period", period), ("used", registry.usage(record.android_id, period)),
+                ("usage period", period), ("used", f"{used} ({human_bytes(used)})"),
                 ("quota", f"{quota or 'unlimited'} ({source})"),
                 ("upload rate", _rate(record.upload_rate)), ("download rate", _rate(record.download_rate)),
             ):
@@ -273,103 +421,200 @@ def _devices(args: argparse.Namespace) -> int:
         return 0
     except ValueError as exc:
         return _fail(str(exc))
+    except sqlite3.Error as exc:
+        return _fail(f"registry {settings.registry_path}: {exc}", 1)
     finally:
         registry.close()
 
 
-def _rate(value: int | None) -> str:
-    return "default" if value is None else str(value) if value else "unlimited"
+def _rate(value: int | None, human: bool = False) -> str:
+    if value is None:
+        return "default"
+    if not value:
+        return "unlimited"
+    if human:
+        from .stats import human_bytes
+
+        return f"{human_bytes(value)}/s"
+    return str(value)
+
+
+def _version(prog: str) -> str:
+    return f"{prog} {__version__}"
+
+
+def proxy_parser() -> argparse.ArgumentParser:
+    """The ``swiftftp-proxy`` command line (also the source of its shell completion)."""
+    parser = argparse.ArgumentParser(
+        prog="swiftftp-proxy", description="SwiftFTP proxy node: FTP servers behind NAT for any client.",
+        epilog="Exit status: 0 done, 1 failed at run time, 2 bad usage or configuration.",
+    )
+    parser.add_argument("--version", action="version", version=_version("swiftftp-proxy"),
+                        help="print the program's name and version, and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_node_flags(sub.add_parser("serve", help="run a proxy node",
+                                   description="Run a proxy node until SIGTERM (drains) or SIGINT."))
+    demo = sub.add_parser(
+        "demo", help="a node, a pyftpdlib server and an agent on loopback",
+        description="Start a node, a pyftpdlib server on a temporary folder and an agent publishing "
+                    "it, all on loopback, and print a URL any FTP client can open.",
+    )
+    _add_node_flags(demo)
+    check = sub.add_parser(
+        "check-config", help="validate a config file, print the effective settings",
+        description="Report every problem of a configuration file (and of the SWIFTFTP_* "
+                    "environment), each with its file and line; print the effective settings "
+                    "when there is none.",
+    )
+    check.add_argument("file", metavar="FILE", help="the TOML configuration file to check")
+    stats = sub.add_parser("stats", help="the stats of a running node, as a table",
+                           description="Ask a running node's stats HTTP server and print a table.")
+    stats.add_argument("--config", metavar="FILE", help="read stats_listen from this configuration file")
+    stats.add_argument("--stats-listen", metavar="ADDR:PORT", help="the node's stats address")
+    stats.add_argument("--json", action="store_true", help="print the raw JSON of /stats")
+    devices = sub.add_parser(
+        "devices", help="the device registry: quotas, rates, usage, messages",
+        description="Read and change the device registry (<state_dir>/registry.sqlite3).",
+    )
+    where = argparse.ArgumentParser(add_help=False)  # accepted before and after the action
+    for p, default in ((devices, None), (where, argparse.SUPPRESS)):
+        p.add_argument("--config", metavar="FILE", default=default,
+                       help="read state_dir from this configuration file")
+        p.add_argument("--state-dir", metavar="DIR", default=default,
+                       help="the node's state directory (default ~/.local/state/swiftftp)")
+    dsub = devices.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions = {
+        "list": "every known device: usage, quota, rates, online on the running node",
+        "show": "one device's record",
+        "set-quota": "set a device's quota in bytes per period, or back to the node's 'default'",
+        "set-rate": "per-device rate override in bytes/s, or back to 'default'",
+        "reset-usage": "zero a device's usage for this period",
+        "message": "show a notice on an online device (through the running node)",
+    }
+    parsers = {name: dsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                                     parents=[where]) for name, text in actions.items()}
+    for name in ("show", "set-quota", "set-rate", "reset-usage"):
+        parsers[name].add_argument("key", metavar="PREFIX|ID", help="the device's prefix or device id")
+    parsers["set-quota"].add_argument("bytes", metavar="BYTES|default",
+                                      help="bytes per period (1500000, 1.5M, 10GiB), 0 unlimited")
+    parsers["set-rate"].add_argument("--upload", metavar="RATE|default", help="client to device, bytes/s")
+    parsers["set-rate"].add_argument("--download", metavar="RATE|default", help="device to client, bytes/s")
+    parsers["message"].add_argument("key", metavar="PREFIX", help="the device's prefix")
+    parsers["message"].add_argument("text", help="the notice to show")
+    completion = sub.add_parser(
+        "completion", help="print a shell completion script (bash or zsh)",
+        description="Print a completion script for swiftftp-proxy and swiftftp-agent: "
+                    "source <(swiftftp-proxy completion bash)",
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"], help="the shell")
+    return parser
+
+
+def agent_parser() -> argparse.ArgumentParser:
+    """The ``swiftftp-agent`` command line."""
+    parser = argparse.ArgumentParser(
+        prog="swiftftp-agent", description="Publish a local FTP server through a SwiftFTP proxy.",
+        epilog="Exit status: 0 done, 1 failed at run time, 2 bad usage.",
+    )
+    parser.add_argument("--version", action="version", version=_version("swiftftp-agent"),
+                        help="print the program's name and version, and exit")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--proxy", metavar="HOST:PORT", help="the proxy node's device port")
+    where.add_argument("--servers", metavar="URL",
+                       help="a fleet's server list (host[:port] per line, port 2222 if none)")
+    parser.add_argument("--ftp", required=True, metavar="HOST:PORT",
+                        help="the FTP server to publish, e.g. 127.0.0.1:21")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where the device id is kept, so the prefix never changes "
+                             "(default ~/.local/state/swiftftp)")
+    parser.add_argument("--client-port", type=int, default=2121, metavar="N",
+                        help="the proxy's FTP port, for the printed URL (default 2121)")
+    parser.add_argument("--user", default="anonymous", help="FTP user for the printed URL")
+    parser.add_argument("--relay", choices=["rust", "python"], help="relay backend (default rust when built)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _check_config(path: str) -> int:
+    loaded = load(path)
+    issues = loaded.issues + check_environment(loaded)
+    if issues:
+        return _config_errors(issues)
+    print("\n".join(describe(loaded.settings)))
+    print(f"# OK: {path}")
+    return 0
 
 
 def proxy_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="swiftftp-proxy", description="SwiftFTP proxy node: FTP servers behind NAT for any client."
-    )
-    parser.add_argument("--version", action="version", version=__version__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_node_flags(sub.add_parser("serve", help="run a proxy node"))
-    demo = sub.add_parser("demo", help="a node, a pyftpdlib server and an agent on loopback")
-    _add_node_flags(demo)
-    check = sub.add_parser("check-config", help="validate a config file, print the effective settings")
-    check.add_argument("file")
-    stats = sub.add_parser("stats", help="the stats of a running node, as a table")
-    stats.add_argument("--config", metavar="FILE")
-    stats.add_argument("--stats-listen", metavar="ADDR:PORT")
-    stats.add_argument("--json", action="store_true", help="raw JSON")
-    devices = sub.add_parser("devices", help="the device registry: quotas, rates, usage, messages")
-    devices.add_argument("--config", metavar="FILE")
-    devices.add_argument("--state-dir", metavar="DIR")
-    dsub = devices.add_subparsers(dest="action", required=True)
-    dsub.add_parser("list", help="every known device")
-    for name, text in (("show", "one device"), ("reset-usage", "zero this period's usage")):
-        dsub.add_parser(name, help=text).add_argument("key", metavar="PREFIX|ID")
-    p = dsub.add_parser("set-quota", help="bytes per period, or 'default'")
-    p.add_argument("key", metavar="PREFIX|ID")
-    p.add_argument("bytes", metavar="BYTES|default")
-    p = dsub.add_parser("set-rate", help="per-device rate override in bytes/s, or 'default'")
-    p.add_argument("key", metavar="PREFIX|ID")
-    p.add_argument("--upload", metavar="RATE|default")
-    p.add_argument("--download", metavar="RATE|default")
-    p = dsub.add_parser("message", help="show a notice on an online device")
-    p.add_argument("key", metavar="PREFIX")
-    p.add_argument("text")
-    args = parser.parse_args(argv)
+    args = proxy_parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "completion":
+        from .completion import SHELLS
 
+        print(SHELLS[args.shell]({"swiftftp-proxy": proxy_parser(), "swiftftp-agent": agent_parser()}))
+        return 0
     try:
-        if args.command == "check-config":
-            settings = load_settings(args.file, overrides={})
-            print("\n".join(describe(settings)))
-            return 0
         if args.command == "stats":
             return _stats(args)
         if args.command == "devices":
             return _devices(args)
-        if args.command == "demo":
-            import tempfile
-
-            forced = {} if args.state_dir else {"state_dir": tempfile.mkdtemp(prefix="swiftftp-demo-")}
-            settings = _settings(args, **forced)
-            if args.ftp_port is None:
-                settings.ftp_port = 0
-            if args.device_port is None:
-                settings.device_port = 0
-            if args.stats_listen is None:
-                settings.stats_listen = None
-        else:
-            settings = _settings(args)
     except ConfigError as exc:
-        return _fail(f"config error: {exc}")
-    logs.setup(settings.log_format, args.verbose)
-    if args.command == "serve":
-        return asyncio.run(_serve(settings, args))
-    return asyncio.run(_demo(settings))
+        return _config_errors(exc.issues)
+    if args.command == "demo":
+        return _demo_main(args)
+    loaded = _load(args)
+    issues = loaded.issues + check_environment(loaded, create=not loaded.issues)
+    if issues:
+        return _config_errors(issues)
+    logs.setup(loaded.settings.log_format, args.verbose)
+    return _run(_serve(loaded.settings, args))
+
+
+def _run(main: Any) -> int:
+    """``asyncio.run``; a Ctrl-C before the signal handlers are in place is one line."""
+    try:
+        return asyncio.run(main)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 1)
+
+
+def _demo_main(args: argparse.Namespace) -> int:
+    """``demo``: loopback only, free ports, a temporary state dir removed on exit."""
+    import tempfile
+
+    if args.listen is not None and not _loopback(args.listen):
+        return _fail(f"demo listens on loopback only; --listen {args.listen} is not a loopback address")
+    temporary = None if args.state_dir else tempfile.mkdtemp(prefix="swiftftp-demo-")
+    try:
+        forced: dict[str, Any] = {"listen": args.listen or "127.0.0.1"}
+        if temporary:
+            forced["state_dir"] = temporary
+        for flag, attr, value in (("ftp_port", "ftp_port", 0), ("device_port", "device_port", 0),
+                                  ("data_ports", "data_ports", "0"), ("stats_listen", "stats_listen", "off")):
+            if getattr(args, flag) is None:
+                forced[attr] = value
+        loaded = _load(args, **forced)
+        issues = loaded.issues + check_environment(loaded, create=not loaded.issues)
+        if issues:
+            return _config_errors(issues)
+        logs.setup(loaded.settings.log_format, args.verbose, level=logging.WARNING)
+        return _run(_demo(loaded.settings))
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
 
 
 def agent_main(argv: list[str] | None = None) -> int:
     from .agent import Agent, AgentSettings
     from .config import default_state_dir
 
-    parser = argparse.ArgumentParser(
-        prog="swiftftp-agent", description="Publish a local FTP server through a SwiftFTP proxy."
-    )
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--proxy", metavar="HOST:PORT", help="the proxy node's device port")
-    where.add_argument("--servers", metavar="URL",
-                       help="a fleet's server list (host[:port] per line, port 2222 if none)")
-    parser.add_argument("--ftp", required=True, metavar="HOST:PORT")
-    parser.add_argument("--state-dir", metavar="DIR")
-    parser.add_argument("--client-port", type=int, default=2121, metavar="N",
-                        help="the proxy's FTP port, for the printed URL (default 2121)")
-    parser.add_argument("--user", default="anonymous", help="FTP user for the printed URL")
-    parser.add_argument("--relay", choices=["rust", "python"], help="relay backend")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    args = agent_parser().parse_args(argv)
     try:
         proxy = parse_host_port(args.proxy) if args.proxy else ("", 2222)
         ftp = parse_host_port(args.ftp)
     except ValueError as exc:
-        print(f"swiftftp-agent: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2, "swiftftp-agent")
     logs.setup("plain", args.verbose)
     settings = AgentSettings(
         proxy_host=proxy[0], proxy_port=proxy[1], ftp_host=ftp[0], ftp_port=ftp[1],
@@ -381,7 +626,8 @@ def agent_main(argv: list[str] | None = None) -> int:
     async def main() -> int:
         task = asyncio.ensure_future(Agent(settings).run())
         try:
-            await _until_signalled(task)
+            with Signals() as signals:
+                await signals.until(task)
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

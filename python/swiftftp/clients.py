@@ -107,7 +107,8 @@ async def handle_client(node: Node, sock: socket.socket) -> None:
 
 async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str) -> None:
     s = node.settings
-    login_deadline = time.monotonic() + s.client_login_timeout
+    connected = time.monotonic()
+    login_deadline = connected + s.client_login_timeout
     dialogue = PreLogin(s.max_login_failures)
     try:
         async with asyncio.timeout(s.client_login_timeout):
@@ -124,15 +125,16 @@ async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str
     try:
         with node.connection(device, "control"), _login_slot(device, ip, s.max_control_per_device) as slot:
             try:
-                left = login_deadline - time.monotonic()
-                chan = await rendezvous(node, device, ip, min(left, s.rendezvous_timeout))
+                asked = time.monotonic()
+                chan = await rendezvous(node, device, ip, min(login_deadline - asked, s.rendezvous_timeout))
+                node.stats.observe_rendezvous(time.monotonic() - asked)
             except (TimeoutError, OSError, ProtocolError, PeerClosed) as exc:
                 reason = str(exc) or f"no login within {s.rendezvous_timeout:g} s"
                 log.info("device %s did not take the connection: %s", device.prefix, reason)
                 await _act(client, peer, dialogue.device_unavailable())
                 return
             first = lookup.user_line + client.buffer
-            await control_relay(node, device, client, chan, first, peer, login_deadline, slot)
+            await control_relay(node, device, client, chan, first, peer, (connected, login_deadline), slot)
     except Busy as exc:
         node.refuse(str(exc), f"{device.prefix} from {peer}")
         await client.last_words(f"421 {str(exc).capitalize()}; try again later.")
@@ -312,7 +314,7 @@ async def control_relay(
     chan: DeviceChannel,
     first: bytes,
     peer: str,
-    login_deadline: float,
+    login_times: tuple[float, float],
     slot: LoginSlot,
 ) -> None:
     """Relay the control connection, rewriting it on the way (:class:`ControlRewriter`).
@@ -321,6 +323,7 @@ async def control_relay(
     sent after rewriting.
     """
     s = node.settings
+    connected, login_deadline = login_times
     await chan.settle()  # "{}" must reach the device alone, before the USER line
     device_sock, early = chan.detach()
     client = conn.sock
@@ -344,8 +347,9 @@ async def control_relay(
 
     def logins() -> None:
         """Follow the device's answers to the login: 230 frees the slot; 530s count."""
-        if rewriter.logged_in:
+        if rewriter.logged_in and slot.held:
             slot.release()
+            node.stats.observe_login(time.monotonic() - connected)
         while failures[0] < rewriter.failures:
             failures[0] += 1
             node.stats.login_failures += 1

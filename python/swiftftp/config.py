@@ -13,8 +13,14 @@ the key (``limits.session_rate: …``), never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import ipaddress
 import os
 import re
+import socket
+import tempfile
+import threading
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -229,6 +235,24 @@ def _optional_host_port(value: Any) -> tuple[str, int] | None:
     return None if value in ("", "off", None) else parse_host_port(value)
 
 
+def _optional_ip(value: Any) -> str | None:
+    """An IP address (what 227 replies carry), or ``""`` for none."""
+    text = _text(value).strip()
+    if not text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {value!r}") from None
+
+
+def _listen_address(value: Any) -> str:
+    text = _text(value).strip().strip("[]")
+    if not text:
+        raise ValueError("expected an address to listen on, e.g. 0.0.0.0 or ::")
+    return text
+
+
 def _path(value: Any) -> Path:
     return Path(os.path.expanduser(_text(value)))
 
@@ -246,9 +270,9 @@ class Option:
 def _options() -> list[Option]:
     seconds, count = _seconds, _int(0, 10**9)
     node = [
-        ("listen", "listen", _text), ("ftp_port", "ftp_port", _int(0, 65535)),
+        ("listen", "listen", _listen_address), ("ftp_port", "ftp_port", _int(0, 65535)),
         ("device_port", "device_port", _int(0, 65535)),
-        ("public_address", "public_address", _optional_text), ("state_dir", "state_dir", _path),
+        ("public_address", "public_address", _optional_ip), ("state_dir", "state_dir", _path),
         ("data_ports", "data_ports", parse_port_range),
         ("relay", "relay_backend", _choice("", "rust", "python")),
         ("stats_listen", "stats_listen", _optional_host_port),
@@ -300,12 +324,171 @@ _BY_ATTR = {o.attr: o for o in OPTIONS}
 assert set(_BY_ATTR) == {f.name for f in fields(Settings)}, "every setting needs an Option"
 
 
-def _apply(settings: Settings, option: Option, value: Any, source: str) -> Settings:
+#: ``SWIFTFTP_…`` variables that are not settings: read by the relay and the benches.
+OTHER_ENV = frozenset({
+    "SWIFTFTP_RELAY", "SWIFTFTP_RELAY_WORKERS", "SWIFTFTP_RELAY_PIPE_SIZE", "SWIFTFTP_BENCH_GIB",
+})
+SECTIONS = tuple(dict.fromkeys(o.section for o in OPTIONS))
+
+
+def env_name(option: Option) -> str:
+    """The environment variable overriding ``option``: ``SWIFTFTP_<SECTION>_<KEY>``."""
+    return f"SWIFTFTP_{option.section}_{option.key}".upper()
+
+
+_BY_ENV = {env_name(o): o for o in OPTIONS}
+
+
+@dataclass
+class Loaded:
+    """The outcome of reading every source: the settings, where each value came from,
+    and every problem found (empty: the settings are good)."""
+
+    settings: Settings
+    #: Attribute name → ``FILE:LINE``, ``SWIFTFTP_…`` or ``command line`` (defaults absent).
+    sources: dict[str, str]
+    #: One line each, ``section.key: what is wrong (where)``.
+    issues: list[str]
+
+
+_BARE_KEY = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_DOTTED_KEY = rf"{_BARE_KEY}(?:\s*\.\s*{_BARE_KEY})*"
+_MULTILINE_QUOTES = ('"' * 3, "'" * 3)
+
+
+def _split_key(key: str) -> tuple[str, ...]:
+    return tuple(part.strip().strip("\"'") for part in re.findall(_BARE_KEY, key))
+
+
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line numbers (from 1) of the tables and keys of a TOML document, by dotted path
+    (``("limits", "session_rate")``): tomllib gives values, not their places.  A line
+    scanner, enough for configuration files: table headers, ``key =`` lines (dotted and
+    quoted keys, one level of inline table); the insides of multi-line strings skipped."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    open_quote: str | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if open_quote:
+            if line.count(open_quote) % 2:
+                open_quote = None
+            continue
+        if not line or line.startswith("#"):
+            continue
+        if m := re.match(rf"^\[\[?\s*({_DOTTED_KEY})\s*\]", line):
+            table = _split_key(m[1])
+            lines.setdefault(table, number)
+            continue
+        if m := re.match(rf"^({_DOTTED_KEY})\s*=(.*)$", line):
+            path = table + _split_key(m[1])
+            for i in range(len(table) + 1, len(path) + 1):
+                lines.setdefault(path[:i], number)
+            rest = m[2]
+            for inner in re.findall(rf"[{{,]\s*({_BARE_KEY})\s*=", rest):
+                lines.setdefault((*path, *_split_key(inner)), number)
+            for quote in _MULTILINE_QUOTES:
+                if rest.count(quote) % 2:
+                    open_quote = quote
+    return lines
+
+
+def _suggest(section: str, key: str) -> str:
+    """``; did you mean limits.burst?`` for a misspelt or misplaced key, else ``""``."""
+    homes = [f"{o.section}.{o.key}" for o in OPTIONS if o.key == key and o.section != section]
+    if homes:
+        return f"; did you mean {homes[0]}?"
+    if section in SECTIONS:
+        keys = [o.key for o in OPTIONS if o.section == section]
+        if close := difflib.get_close_matches(key, keys, n=1, cutoff=0.6):
+            return f"; did you mean {section}.{close[0]}?"
+    names = [f"{o.section}.{o.key}" for o in OPTIONS]
+    if close := difflib.get_close_matches(f"{section}.{key}", names, n=1, cutoff=0.75):
+        return f"; did you mean {close[0]}?"
+    return ""
+
+
+def _read_document(path: Path | str, issues: list[str]) -> tuple[dict[str, Any], str]:
     try:
-        parsed = option.parse(value)
-    except ValueError as exc:
-        raise ConfigError(f"{option.section}.{option.key}: {exc} ({source})") from None
-    return replace(settings, **{option.attr: parsed})
+        text = Path(path).read_bytes().decode("utf-8")
+        return tomllib.loads(text), text
+    except OSError as exc:
+        issues.append(f"{path}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        issues.append(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}")
+    except tomllib.TOMLDecodeError as exc:
+        issues.append(f"{path}: not valid TOML: {exc}")
+    return {}, ""
+
+
+def _not_a_table(section: str, value: Any, where: str) -> str:
+    """The message for ``section = value`` outside any table."""
+    if section in SECTIONS:
+        return f"{section}: expected a [{section}] table, got {value!r} ({where})"
+    homes = [o.section for o in OPTIONS if o.key == section]
+    if homes:
+        return f"{section}: a setting outside any table; put it under [{homes[0]}] ({where})"
+    names = {f"[{s}]": s for s in SECTIONS} | {f"{o.section}.{o.key}": o.key for o in OPTIONS}
+    close = difflib.get_close_matches(section, list(names.values()), n=1, cutoff=0.7)
+    hint = f"; did you mean {next(n for n, v in names.items() if v == close[0])}?" if close else ""
+    return f"{section}: unknown setting outside any table{hint} ({where})"
+
+
+def load(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Loaded:
+    """Defaults ← TOML file ← ``SWIFTFTP_<SECTION>_<KEY>`` ← ``overrides`` (by attribute
+    name), collecting every problem instead of stopping at the first."""
+    settings = Settings()
+    sources: dict[str, str] = {}
+    issues: list[str] = []
+
+    def apply(option: Option, value: Any, source: str) -> None:
+        nonlocal settings
+        try:
+            parsed = option.parse(value)
+        except ValueError as exc:
+            issues.append(f"{option.section}.{option.key}: {exc} ({source})")
+            return
+        settings = replace(settings, **{option.attr: parsed})
+        sources[option.attr] = source
+
+    if path is not None:
+        document, text = _read_document(path, issues)
+        places = key_lines(text)
+
+        def where(*keys: str) -> str:
+            line = places.get(keys) or places.get(keys[:1])
+            return f"{path}:{line}" if line else str(path)
+
+        for section, table in document.items():
+            if not isinstance(table, dict):
+                issues.append(_not_a_table(section, table, where(section)))
+                continue
+            for key, value in table.items():
+                option = _BY_NAME.get((section, key))
+                if option is None:
+                    issues.append(f"{section}.{key}: unknown setting{_suggest(section, key)} "
+                                  f"({where(section, key)})")
+                else:
+                    apply(option, value, where(section, key))
+    env = os.environ if env is None else env
+    for name in sorted(env):
+        if not name.startswith("SWIFTFTP_") or name in OTHER_ENV:
+            continue
+        option = _BY_ENV.get(name)
+        if option is None:
+            close = difflib.get_close_matches(name, [*_BY_ENV, *OTHER_ENV], n=1, cutoff=0.75)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            issues.append(f"{name}: unknown environment variable{hint} (environment)")
+        else:
+            apply(option, env[name], name)
+    for attr, value in (overrides or {}).items():
+        if value is not None:
+            apply(_BY_ATTR[attr], value, "command line")
+    return Loaded(settings, sources, issues)
 
 
 def load_settings(
@@ -313,34 +496,123 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Defaults ← TOML file ← ``SWIFTFTP_<SECTION>_<KEY>`` ← ``overrides`` (by attribute name)."""
-    settings = Settings()
-    if path is not None:
+    """Defaults ← TOML file ← ``SWIFTFTP_<SECTION>_<KEY>`` ← ``overrides`` (by attribute
+    name).  Raises :class:`ConfigError` naming the first problem (``issues`` has all)."""
+    loaded = load(path, env, overrides)
+    if loaded.issues:
+        raise ConfigError(loaded.issues[0], loaded.issues)
+    return loaded.settings
+
+
+# ---- checks against this machine: addresses, directories -------------------------------
+
+RESOLVE_TIMEOUT = 5.0
+
+
+def resolve(host: str, timeout: float = RESOLVE_TIMEOUT) -> list[tuple[int, str]]:
+    """(family, address) pairs of ``host``: an IP literal at once, a name through the
+    resolver within ``timeout`` seconds; ``ValueError`` with the reason otherwise."""
+    try:
+        ip = ipaddress.ip_address(host)
+        return [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, str(ip))]
+    except ValueError:
+        pass
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"not an IP address or host name: {host!r}")
+    found: list[Any] = []
+
+    def lookup() -> None:
         try:
-            with open(path, "rb") as f:
-                document = tomllib.load(f)
+            found.append(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as exc:
+            found.append(exc)
+
+    worker = threading.Thread(target=lookup, name="resolve", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not found:
+        raise ValueError(f"cannot resolve {host!r} within {timeout:g} s")
+    if isinstance(found[0], Exception):
+        reason = getattr(found[0], "strerror", None) or str(found[0])
+        raise ValueError(f"cannot resolve {host!r}: {reason}")
+    return [(family, address[0]) for family, _, _, _, address in found[0]]
+
+
+def check_address(host: str) -> None:
+    """``ValueError`` unless ``host`` resolves to an address of this machine (one a
+    socket can be bound to)."""
+    family, address = resolve(host)[0]
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, 0))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host!r}: {exc.strerror or exc}") from None
+
+
+def _writable_dir(path: Path, create: bool) -> str | None:
+    """Why ``path`` cannot serve as a writable directory; None when it can.  A missing
+    one is made to try it, and removed again unless ``create``."""
+    made: list[Path] = []
+    try:
+        if path.exists():
+            if not path.is_dir():
+                return f"{path} is not a directory"
+        else:
+            missing = [path, *(p for p in path.parents if not p.exists())]
+            for directory in reversed(missing):
+                try:
+                    directory.mkdir()
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    return f"cannot create {path}: {exc.strerror or exc}"
+                made.append(directory)
+        try:
+            with tempfile.TemporaryFile(dir=path, prefix=".swiftftp-probe-"):
+                pass
         except OSError as exc:
-            raise ConfigError(f"{path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        for section, table in document.items():
-            if not isinstance(table, dict):
-                raise ConfigError(f"{section}: expected a [{section}] table")
-            for key, value in table.items():
-                option = _BY_NAME.get((section, key))
-                if option is None:
-                    raise ConfigError(f"{section}.{key}: unknown setting ({path})")
-                settings = _apply(settings, option, value, str(path))
-    env = os.environ if env is None else env
-    for option in OPTIONS:
-        name = f"SWIFTFTP_{option.section}_{option.key}".upper()
-        if name in env:
-            settings = _apply(settings, option, env[name], name)
-    for attr, value in (overrides or {}).items():
-        if value is not None:
-            option = _BY_ATTR[attr]
-            settings = _apply(settings, option, value, "command line")
-    return settings
+            return f"{path} is not writable: {exc.strerror or exc}"
+        return None
+    finally:
+        if not create:
+            for directory in reversed(made):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+
+
+def check_environment(loaded: Loaded, create: bool = False) -> list[str]:
+    """Problems of valid settings on this machine, one line each like parse errors:
+    a listen address that does not resolve to a local address, a state directory (or
+    transfer log) neither writable nor creatable, a registry that cannot be written.
+    ``create`` makes a missing state directory (``serve``); ``check-config`` does not."""
+    s, issues = loaded.settings, []
+
+    def source(attr: str) -> str:
+        return loaded.sources.get(attr, "default")
+
+    try:
+        check_address(s.listen)
+    except ValueError as exc:
+        issues.append(f"node.listen: {exc} ({source('listen')})")
+    if s.stats_listen:
+        try:
+            check_address(s.stats_listen[0] or "0.0.0.0")
+        except ValueError as exc:
+            issues.append(f"node.stats_listen: {exc} ({source('stats_listen')})")
+    problem = _writable_dir(s.state_dir, create)
+    if problem:
+        issues.append(f"node.state_dir: {problem} ({source('state_dir')})")
+    elif s.registry_path.exists() and not os.access(s.registry_path, os.R_OK | os.W_OK):
+        issues.append(f"node.state_dir: the registry {s.registry_path} is not writable "
+                      f"({source('state_dir')})")
+    if s.transfer_log and s.transfer_log != "-":
+        log_path = Path(s.transfer_log).expanduser()
+        problem = _writable_dir(log_path.parent, create)
+        if problem is None and log_path.exists() and not os.access(log_path, os.W_OK):
+            problem = f"{log_path} is not writable"
+        if problem:
+            issues.append(f"node.transfer_log: {problem} ({source('transfer_log')})")
+    return issues
 
 
 def describe(settings: Settings) -> list[str]:

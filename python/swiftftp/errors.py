@@ -40,7 +40,12 @@ class PeerClosed(SwiftFTPError, ConnectionError):
 
 
 class ConfigError(SwiftFTPError, ValueError):
-    """A configuration value is unknown or invalid; the message names the key."""
+    """A configuration value is unknown or invalid; the message names the key.
+    ``issues`` lists every problem found, one line each (the message is the first)."""
+
+    def __init__(self, message: str, issues: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.issues = issues or [message]
 
 
 class FleetError(SwiftFTPError):

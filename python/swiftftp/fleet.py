@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from . import logs
 from .errors import ConfigError, FleetError
 
 log = logging.getLogger("swiftftp.fleet")
@@ -119,7 +120,7 @@ class SharedPrefixes:
             if not self.bucket.create(f"prefixes/{prefix}", {"android_id": android_id}):
                 continue  # another device has it
             if self.bucket.create(key, {"prefix": prefix}):
-                log.info("device %s: prefix %s allotted in the fleet", android_id, prefix)
+                logs.event(log, "fleet_prefix_allotted", device=android_id, prefix=prefix)
                 return prefix
             # another node is registering this device at the same moment (412, or 409
             # while its write is under way): give our claim back, read theirs next round
@@ -170,6 +171,8 @@ class Membership:
         self.servers: list[str] = []
         self.beats = 0
         self.left = False
+        #: Why the last heartbeat failed; None while the bucket answers (readiness).
+        self.error: str | None = None
         self._beat: asyncio.Future[list[str]] | None = None  # the one in flight
 
     async def join(self) -> None:
@@ -186,8 +189,12 @@ class Membership:
                 # shielded: a beat's thread runs to its end anyway; leave() waits for it
                 self.servers = await asyncio.shield(self._beat)
                 self.beats += 1
+                if self.error is not None:
+                    logs.event(log, "fleet_heartbeat_recovered")
+                self.error = None
             except FleetError as exc:
-                log.warning("fleet heartbeat failed: %s", exc)
+                self.error = str(exc)
+                logs.event(log, "fleet_heartbeat_failed", level=logging.WARNING, reason=str(exc))
 
     async def leave(self) -> list[str]:
         """Off the server list (once); the other nodes, where devices may go."""
@@ -200,8 +207,8 @@ class Membership:
                     await asyncio.wait([self._beat])
                 servers = await asyncio.to_thread(self.server_list.leave)
         except (FleetError, TimeoutError) as exc:
-            log.warning("could not leave the fleet's server list: %s", exc)
+            logs.event(log, "fleet_leave_failed", level=logging.WARNING, reason=str(exc) or "timed out")
             return []
-        log.info("left the fleet's server list")
+        logs.event(log, "fleet_left", host=self.host, servers=",".join(servers) or "-")
         self.servers = servers
         return [host for host in servers if host != self.host]

@@ -1,5 +1,15 @@
 """Logging: a plain format for people, JSON lines for machines, the session id on
-every line a session writes, and the transfer log."""
+every line a session writes, structured events, and the transfer log.
+
+Structured events carry their facts as fields, not as one formatted string::
+
+    logs.event(log, "session_close", prefix="mugvk", peer="203.0.113.7:58578", up=45)
+
+is ``session close prefix=mugvk peer=203.0.113.7:58578 up=45`` in the plain
+format, and ``{"event": "session_close", "prefix": "mugvk", "peer": …, "up": 45,
+"message": "session close prefix=…"}`` (with ``time``, ``level``, ``logger``,
+``session``) in the JSON format.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +27,10 @@ session_id: ContextVar[str] = ContextVar("session_id", default="-")
 
 PLAIN = "%(asctime)s %(levelname)s [%(session)s] %(name)s: %(message)s"
 
+#: Keys every JSON line has; an event's fields may not reuse them (``session`` may:
+#: an explicit session id wins over the logging task's).
+_RESERVED = frozenset({"time", "level", "logger", "message", "event", "exception"})
+
 
 class SessionFilter(logging.Filter):
     """Stamps each record with the id of the session it was logged from."""
@@ -26,8 +40,57 @@ class SessionFilter(logging.Filter):
         return True
 
 
+def plain_value(value: Any) -> str:
+    """A field's value as it appears after ``key=`` in plain lines: bare when it is a
+    single word, else JSON-quoted (so ``key=value`` lines split on spaces)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    if text and not any(c.isspace() or c in '"=\\' for c in text):
+        return text
+    return orjson.dumps(text).decode()
+
+
+def json_value(value: Any) -> Any:
+    """A field's value in JSON lines: numbers, booleans and null as they are, else text."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return round(value, 6)
+    return str(value)
+
+
+def render(name: str, fields: dict[str, Any]) -> str:
+    """The plain text of an event: its name in words, then ``key=value`` pairs."""
+    words = name.replace("_", " ")
+    pairs = " ".join(f"{k}={plain_value(v)}" for k, v in fields.items() if v is not None)
+    return f"{words} {pairs}" if pairs else words
+
+
+def event(
+    logger: logging.Logger, name: str, /, *, level: int = logging.INFO, exc_info: Any = None,
+    **fields: Any,
+) -> None:
+    """Log the event ``name`` (``snake_case``) with its fields (``None`` ones are left out).
+
+    Plain lines read ``name in words key=value …``; JSON lines get ``event``, one
+    key per field, and the same text as ``message``.
+    """
+    clash = _RESERVED.intersection(fields)
+    if clash:
+        raise TypeError(f"log fields may not be named {', '.join(sorted(clash))}")
+    if not logger.isEnabledFor(level):
+        return
+    fields = {k: v for k, v in fields.items() if v is not None}
+    logger.log(level, "%s", render(name, fields), exc_info=exc_info, stacklevel=2,
+               extra={"event": name, "fields": fields})
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line."""
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``session``, an
+    event's ``event`` and fields, ``message`` (and ``exception``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -35,8 +98,12 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "session": getattr(record, "session", "-"),
-            "message": record.getMessage(),
         }
+        name = getattr(record, "event", None)
+        if name:
+            entry["event"] = name
+            entry.update((k, json_value(v)) for k, v in getattr(record, "fields", {}).items())
+        entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -47,8 +114,9 @@ def _iso(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(timestamp)) + f".{ms:03d}Z"
 
 
-def setup(log_format: str = "plain", verbose: bool = False) -> None:
-    """Configure the root logger on stderr (idempotent)."""
+def setup(log_format: str = "plain", verbose: bool = False, level: int | None = None) -> None:
+    """Configure the root logger on stderr (idempotent); ``level`` overrides INFO
+    (DEBUG with ``verbose``)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_swiftftp", False):
@@ -58,7 +126,7 @@ def setup(log_format: str = "plain", verbose: bool = False) -> None:
     handler.addFilter(SessionFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(PLAIN))
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.DEBUG if verbose else level if level is not None else logging.INFO)
 
 
 transfers = logging.getLogger("swiftftp.transfers")
@@ -83,12 +151,29 @@ def setup_transfer_log(target: str | Path | None, log_format: str) -> None:
     transfers.addHandler(handler)
 
 
+def reopen() -> int:
+    """Reopen the log files (the transfer log) at their paths, e.g. after logrotate
+    renamed them (SIGHUP); returns how many were reopened."""
+    count = 0
+    for handler in transfers.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
+            count += 1
+    return count
+
+
 def log_transfer(**fields: Any) -> None:
     """One line per finished data connection (format: README, "Transfer log")."""
     if not transfers.handlers:
         return
     fields = {"time": _iso(time.time()), **fields}
     if getattr(transfers.handlers[0], "_json", False):
-        transfers.info(orjson.dumps(fields).decode())
+        transfers.info(orjson.dumps({k: json_value(v) for k, v in fields.items()}).decode())
     else:
-        transfers.info(" ".join(f"{k}={v}" for k, v in fields.items()))
+        transfers.info(" ".join(f"{k}={plain_value(v)}" for k, v in fields.items()))

@@ -95,6 +95,7 @@ class ProxyNode:
         self.spawn(self._accept(clients, handle_client, "ftp"), "accept-clients")
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
+        self.stats.listening = True
         log.info(
             "listening on %s: FTP clients on port %d, devices on port %d, relay backend %s",
             bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
@@ -174,6 +175,7 @@ class ProxyNode:
 
     async def close(self) -> None:
         """Stop listening, end every session, flush the quota, wait for every task."""
+        self.stats.listening = False
         if self.fleet:
             await self.fleet.leave()
         for server in self._servers:
@@ -361,6 +363,7 @@ class ProxyNode:
     def close_session(self, info: Session, outcome: str) -> None:
         up, down = info.counters()
         duration = time.monotonic() - info.opened
+        self.stats.session_closed(info.kind, info.prefix, up, down, duration)  # ops hook: histograms
         self.sessions.discard(info)
         self.left()
         if info.kind != "command":

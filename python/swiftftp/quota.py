@@ -17,6 +17,8 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from . import logs
+
 if TYPE_CHECKING:
     from .state import Device, Node, Session
 
@@ -84,6 +86,6 @@ class QuotaBook:
                 try:
                     self.flush()
                 except Exception:
-                    log.exception("quota flush failed")
+                    logs.event(log, "quota_flush_failed", level=logging.ERROR, exc_info=True)
         finally:
             self.flush()

@@ -222,22 +222,60 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
              str(port), "--device-port", "0", "--stats-listen", "off", "--state-dir", str(tmp_path)],
             capture_output=True, text=True, timeout=30,
         )
-    assert done.returncode == 1 and "cannot listen" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr == (f"swiftftp-proxy: cannot listen on 127.0.0.1 port {port} (node.ftp_port): "
+                           "Address already in use (another node running?)\n")
 
 
-def test_demo_prints_a_url_any_client_can_open(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "swiftftp", "demo", "--state-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def local_non_loopback_ip() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # no packet is sent
+        except OSError:
+            return None
+        ip = probe.getsockname()[0]
+    return None if ip.startswith("127.") else ip
+
+
+def start_demo() -> tuple[subprocess.Popen, str, Path]:
+    """``demo`` with no state dir: (process, URL, the temporary folder it serves)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWIFTFTP_")}
+    proc = subprocess.Popen([sys.executable, "-m", "swiftftp", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    url = proc.stdout.readline().strip()  # the first thing printed, anywhere
+    ready = proc.stderr.readline()
+    m = re.fullmatch(r"demo ready: serving (\S+) \(Ctrl-C to stop\)\n", ready)
+    assert m, ready
+    return proc, url, Path(m[1])
+
+
+def test_demo_prints_a_url_any_client_can_open() -> None:
+    proc, url, folder = start_demo()
     try:
-        assert proc.stdout.readline().startswith("demo ready: serving")
-        url = proc.stdout.readline().strip()
-        assert re.fullmatch(r"ftp://[a-z]{5}_anonymous:@127\.0\.0\.1:\d+/", url), url
+        assert re.fullmatch(r"ftp://[a-z]{5}_anonymous:@127\.0\.0\.1:(\d+)/", url), url
+        assert folder.name == "files" and folder.parent.name.startswith("swiftftp-demo-")
         got = subprocess.run(["curl", "-sS", "--max-time", "20", url + "hello.txt"],
                              capture_output=True, text=True, timeout=30)
         assert got.stdout == "Hello from behind the NAT!\n", got.stderr
         got = subprocess.run(["lftp", "-c", f"open {url}; cat hello.txt"], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True, timeout=30)
         assert got.stdout == "Hello from behind the NAT!\n", got.stderr
+        # loopback only: the FTP port is closed on the machine's other addresses
+        if ip := local_non_loopback_ip():
+            port = int(url.rsplit(":", 1)[1].rstrip("/"))
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((ip, port), timeout=5).close()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+    assert proc.stdout.read() == "" and not folder.parent.exists()  # its temporary state is gone
+
+
+def test_demo_cleans_up_on_ctrl_c() -> None:
+    proc, _, folder = start_demo()
+    assert folder.is_dir()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 0
+    assert not folder.parent.exists()
+    assert "Traceback" not in proc.stderr.read()
