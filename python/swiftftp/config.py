@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .outbox import GRACE
 
 
 def default_state_dir() -> Path:
@@ -66,7 +67,7 @@ class Settings:
     fleet_heartbeat: float = 30.0
     fleet_servers_key: str = "servers"
 
-    # [timeouts], seconds (PROTOCOL.md: 2 min client login, 10 s device login, 30 min silence).
+    # [timeouts], seconds (docs/protocol.md: 2 min client login, 10 s device login, 30 min silence).
     client_login_timeout: float = 120.0
     device_login_timeout: float = 10.0
     idle_timeout: float = 1800.0
@@ -85,7 +86,7 @@ class Settings:
     send_timeout: float = 30.0
     #: After a message the device's TCP acknowledged, before the next may follow when
     #: the round trip was shorter than this (outbox.GRACE has the measurement).
-    device_grace: float = 0.005
+    device_grace: float = GRACE
 
     # [limits]; rates in bytes/s, 0 = unlimited; None = same as the two-way rate.
     session_rate: int = 0

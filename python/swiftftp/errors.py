@@ -6,7 +6,7 @@ from enum import IntEnum
 
 
 class ErrorCode(IntEnum):
-    """Error codes of the device protocol (PROTOCOL.md, "Error codes")."""
+    """Error codes of the device protocol (docs/protocol.md, "Error codes")."""
 
     INTERNAL = 0
     MALFORMED = 9

@@ -1,9 +1,9 @@
-"""A fleet of nodes sharing one S3 bucket (DESIGN.md, "fleet").
+"""A fleet of nodes sharing one S3 bucket (docs/design.md, "Fleet").
 
 Nodes share only two things, both kept in the bucket:
 
 * the device id → prefix map, so a device keeps its prefix, and its user's
-  bookmarked URL, on whichever node it logs in to (PROTOCOL.md);
+  bookmarked URL, on whichever node it logs in to (docs/protocol.md);
 * the public server list devices pick a node from, kept fresh by heartbeats.
 
 Layout, under an optional key prefix::

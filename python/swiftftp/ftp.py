@@ -2,7 +2,7 @@
 of relayed control lines.
 
 Until a client's ``USER <prefix>_<user>`` names a device that is online, the
-proxy itself answers (PROTOCOL.md, "Control connection").  :class:`PreLogin`
+proxy itself answers (docs/protocol.md, "Control connection").  :class:`PreLogin`
 is that dialogue as a small state machine: it takes one line at a time and
 returns what to do, so it is tested without sockets.
 """
@@ -192,7 +192,7 @@ class ControlRewriter:
     - A client's ``PORT``/``EPRT`` address becomes its own (RFC 2577).
     - A device's ``227`` address becomes the node's public one.
     - ``EPSV`` (RFC 2428) reaches the device as ``PASV`` and its ``227`` goes back
-      as ``229 (|||port|)``: the field device answers 502 to ``EPSV`` (PROTOCOL.md),
+      as ``229 (|||port|)``: the field device answers 502 to ``EPSV`` (docs/protocol.md),
       and the port is the proxy's in either form.  So clients that insist on ``EPSV``
       (IPv6 clients, ``EPSV ALL``) get passive mode too, and curl saves a round trip.
       ``EPSV ALL`` reaches the device as ``NOOP``, whose ``200`` is answered for it.

@@ -146,7 +146,7 @@ class ProxyNode:
 
     async def drain(self, timeout: float) -> bool:
         """Wind down before a stop: turn new FTP clients and command sessions away,
-        ask every device to ``reconnect`` when idle (PROTOCOL.md), and give the clients
+        ask every device to ``reconnect`` when idle (docs/protocol.md), and give the clients
         and transfers already here up to ``timeout`` seconds.  True if they all ended."""
         self.draining = True
         loop = asyncio.get_running_loop()

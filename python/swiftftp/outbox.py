@@ -32,14 +32,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-#: Default pause after a message the device's TCP acknowledged before the next may
-#: follow: the time the device's reader needs to wake up and take the message
-#: alone. Measured with the field-like test device (a Python thread blocked in
-#: recv) on this 2-core machine with both cores busy: wake-ups after the data
-#: arrived of p50 0.06 ms, p99.9 1.9 ms, max 3.6 ms over 20,000 messages
-#: (tests/measure_wakeup.py); 5 ms covers that. On links with a round trip
-#: above 5 ms the acknowledgement's own delay covers it and nothing is added.
-GRACE = 0.005
+#: Default spacing between a message and the next when the round trip is shorter:
+#: the time a reader blocked in ``read()`` may need to wake up and take the first
+#: alone. benches/wakeup.py, pairs of messages on loopback to a thread blocked in
+#: recv(2048), 3000 pairs per gap, two CPU-spinning processes on this 2-core
+#: machine: read together at 1 ms 5, at 2 ms 0, at 5 ms 1, at 10 and 20 ms 0
+#: (at 0 ms 2750). 10 ms it is. On links whose round trip exceeds it, the
+#: acknowledgement's own delay covers it and nothing is added.
+GRACE = 0.01
 
 #: Polling of the acknowledgement (SIOCOUTQ): first after this, doubling to _POLL_MAX.
 _POLL_START = 0.0005

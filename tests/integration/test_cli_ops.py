@@ -211,7 +211,7 @@ class Terminal:
         while True:
             text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", self.output.decode(errors="replace"))
             if m := re.search(pattern, text):
-                self.output = self.output[len(self.output):]  # consumed
+                self.output = text[m.end():].encode()  # consumed up to the match, no further
                 return m[0]
             left = deadline - time.monotonic()
             if left <= 0:

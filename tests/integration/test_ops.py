@@ -87,8 +87,10 @@ def test_health_readiness_metrics_and_device_usage(serve: Serve, tmp_path: Path)
         assert m[("swiftftp_transfer_seconds_count", ())] == 1
         assert m[("swiftftp_transfer_bytes_sum", ())] == len(data)
         assert m[("swiftftp_transfer_bytes_bucket", (("le", "+Inf"),))] == 1
-        assert m[("swiftftp_login_seconds_count", ())] == 0  # observed by the client handler
-        assert m[("swiftftp_rendezvous_seconds_count", ())] == 0
+        # one login (connect to the device's 230) and its rendezvous, each under a second
+        assert m[("swiftftp_login_seconds_count", ())] == 1
+        assert m[("swiftftp_rendezvous_seconds_count", ())] == 1
+        assert m[("swiftftp_login_seconds_bucket", (("le", "1.0"),))] == 1
         down = ("swiftftp_device_relayed_bytes_total", (("direction", "down"), ("prefix", device.prefix)))
         assert m[down] >= len(data)
 
