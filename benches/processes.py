@@ -75,6 +75,9 @@ def _ftpd(port: int, root: str) -> None:
 def _field(device_port: int) -> None:
     from tests.fielddevice import FieldDevice
 
+    # as in the tests (tests/conftest.py): the device's threads wait less for the GIL,
+    # closer to a device whose threads have no GIL to share
+    sys.setswitchinterval(0.001)
     device = FieldDevice(device_port, android_id="bench-field-device", files={"one.bin": b"1"}).start()
     print(f"ready {device.prefix}", flush=True)
     stop = threading.Event()

@@ -38,6 +38,33 @@ def write_one(sock: socket.socket, obj: dict) -> None:
     sock.sendall(json.dumps(obj).encode())
 
 
+def request(sock: socket.socket, obj: dict) -> dict:
+    """Write a request, read its reply with one read (as ``read_one``).
+
+    The deployed device (Java) is in ``read()`` microseconds after its
+    ``write()``; a Python thread must first win the GIL back after ``sendall``,
+    which can take milliseconds while the node's reply, and bytes right behind
+    it, arrive: a merge the real device would not see. So here the read is
+    already waiting, on a thread of its own, before the request goes out."""
+    result: list[dict | BaseException] = []
+
+    def read() -> None:
+        try:
+            result.append(read_one(sock))
+        except BaseException as exc:
+            result.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    write_one(sock, obj)
+    reader.join(sock.gettimeout())
+    if not result:
+        raise TimeoutError("no reply")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
 @dataclass
 class FieldDevice:
     proxy_port: int
@@ -71,8 +98,7 @@ class FieldDevice:
             sock.settimeout(30)
         else:
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        write_one(sock, {"action": "login", "android_id": self.android_id, "swiftp_version": "2.16"})
-        reply = read_one(sock)
+        reply = request(sock, {"action": "login", "android_id": self.android_id, "swiftp_version": "2.16"})
         assert reply == {}, reply
         return sock
 
@@ -210,8 +236,7 @@ class FtpSession:
             self.pasv.close()
         self.port_target = None
         sock = self.device.connect()
-        write_one(sock, {"action": "data_pasv_listen"})
-        reply = read_one(sock)
+        reply = request(sock, {"action": "data_pasv_listen"})
         self.device.data_replies.append(reply)
         if "port" not in reply:
             sock.close()
@@ -235,16 +260,16 @@ class FtpSession:
         """Open the data connection the way the field device does, at transfer time."""
         if self.pasv:
             sock, self.pasv = self.pasv, None
-            write_one(sock, {"action": "data_pasv_accept"})
+            message: dict = {"action": "data_pasv_accept"}
         elif self.port_target:
             sock = self.device.connect()
             address, port = self.port_target
             self.port_target = None
-            write_one(sock, {"action": "data_port_connect", "address": address, "port": port})
+            message = {"action": "data_port_connect", "address": address, "port": port}
         else:
             self.reply("425 Use PASV or PORT first.")
             return None
-        reply = read_one(sock)  # "{}" alone: raw bytes in this read would be lost
+        reply = request(sock, message)  # "{}" alone: raw bytes in this read would be lost
         self.device.data_replies.append(reply)
         if reply != {}:
             sock.close()

@@ -152,21 +152,30 @@ class Agent:
 
     async def _connect(self, port: int | None = None) -> DeviceChannel:
         """A logged-in connection to the proxy's device port (or ``port``)."""
+        chan, _ = await self._open(port)
+        return chan
+
+    async def _open(
+        self, port: int | None = None, request: dict[str, Any] | None = None
+    ) -> tuple[DeviceChannel, dict[str, Any] | None]:
+        """A logged-in connection, and the reply to ``request`` if one is given: the
+        request goes in the same write as the login (the node reads a stream), which
+        saves a round trip per data connection."""
         sock = await dial(self.proxy_host, port or self.proxy_port, self.settings.connect_timeout)
         # The node's side needs no pacing either: this agent decodes a byte stream.
         chan = DeviceChannel(sock, paced=False, send_timeout=self.settings.connect_timeout)
-        try:
-            await chan.send(
-                {"action": "login", "android_id": self.device_id,
+        login = {"action": "login", "android_id": self.device_id,
                  "swiftp_version": f"swiftftp-agent/{__version__}",
                  # we decode concatenated objects: the node may write without pacing
                  "json_stream": True}
-            )
+        try:
+            await chan.send(login, *([request] if request else []))
             await self._reply(chan)
+            reply = await self._reply(chan) if request else None
         except BaseException:
             chan.close()
             raise
-        return chan
+        return chan, reply
 
     async def _reply(self, chan: DeviceChannel) -> dict[str, Any]:
         async with asyncio.timeout(self.settings.connect_timeout):
@@ -360,13 +369,9 @@ class ControlBridge:
         finally:
             listener.close()
         try:
-            chan = await self.agent._connect()
-            try:
-                await chan.send({"action": "data_port_connect", "address": address, "port": port})
-                await self.agent._reply(chan)
-            except BaseException:
-                chan.close()
-                raise
+            chan, _ = await self.agent._open(
+                request={"action": "data_port_connect", "address": address, "port": port}
+            )
         except (OSError, TimeoutError, AgentError, PeerClosed) as exc:
             log.warning("active data connection to %s:%d failed: %s", address, port, exc)
             server_data.close()
@@ -389,25 +394,28 @@ class ControlBridge:
         return line
 
     async def _passive(self, host: str, port: int, extended: bool) -> bytes:
-        """The server opened a passive port: open one on the proxy and name that instead."""
+        """The server opened a passive port: open one on the proxy and name that instead
+        (the server's port is dialled meanwhile: the two round trips overlap)."""
         self._drop_passive()
         agent = self.agent
+        local = asyncio.ensure_future(dial(host, port, agent.settings.connect_timeout))
+        chan: DeviceChannel | None = None
         try:
-            chan = await agent._connect()
-        except (OSError, TimeoutError, AgentError, PeerClosed) as exc:
-            log.warning("passive listen on the proxy failed: %s", exc)
-            return b"425 Cannot open a passive port on the proxy.\r\n"
-        try:
-            await chan.send({"action": "data_pasv_listen"})
-            proxy_port = (await agent._reply(chan))["port"]
-            data = await dial(host, port, agent.settings.connect_timeout)
-        except AgentError as exc:  # e.g. error 15: tell the client why, do not leave it hanging
-            chan.close()
-            log.warning("passive listen refused: %s", exc)
-            return f"425 Cannot open a data connection: {exc}.\r\n".encode()
-        except (OSError, TimeoutError, PeerClosed, KeyError) as exc:
-            chan.close()
-            log.warning("passive setup failed: %s", exc)
+            chan, reply = await agent._open(request={"action": "data_pasv_listen"})
+            assert reply is not None
+            proxy_port = reply["port"]
+            data = await local
+        except (AgentError, OSError, TimeoutError, PeerClosed, KeyError) as exc:
+            if chan is not None:
+                chan.close()
+            local.cancel()
+            outcome = (await asyncio.gather(local, return_exceptions=True))[0]
+            if isinstance(outcome, socket.socket):
+                outcome.close()
+            if isinstance(exc, AgentError):  # e.g. error 15: tell the client why
+                log.warning("passive listen refused: %s", exc)
+                return f"425 Cannot open a data connection: {exc}.\r\n".encode()
+            log.warning("passive setup failed: %s", exc or type(exc).__name__)
             return b"425 Cannot open a passive data connection.\r\n"
         self.passive = (chan, data)
         if extended:

@@ -16,7 +16,9 @@ import asyncio
 import socket
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def _wait(sock: socket.socket, write: bool) -> None:
@@ -109,6 +111,21 @@ async def connect(sock: socket.socket, address: tuple) -> None:
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"connect to {address[0]}:{address[1]}: {socket.errno.errorcode.get(err, err)}")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` on uvloop when it is installed (``SWIFTFTP_LOOP=asyncio``
+    forces asyncio's own loop), else on asyncio's."""
+    import os
+
+    if os.environ.get("SWIFTFTP_LOOP", "").strip().lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def run_all(

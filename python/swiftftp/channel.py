@@ -35,11 +35,14 @@ def unacknowledged(sock: socket.socket) -> int:
     return struct.unpack("i", raw)[0]
 
 
-def tune_device_socket(sock: socket.socket) -> None:
-    """TCP_NODELAY (one object per segment) and keepalive (find dead phones)."""
+def tune_device_socket(sock: socket.socket, *, keepalive: bool = False) -> None:
+    """TCP_NODELAY (one object per segment); with ``keepalive`` (a command session,
+    open for days) TCP keepalives too, to find phones that vanished."""
     sock.setblocking(False)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not keepalive:
+            return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
@@ -92,10 +95,11 @@ class DeviceChannel:
             self.last_recv = time.monotonic()
             self._decoder.feed(data)
 
-    async def send(self, message: dict[str, Any]) -> None:
-        """Write one object (a reply: see the module docs), within ``send_timeout``."""
+    async def send(self, message: dict[str, Any], *more: dict[str, Any]) -> None:
+        """Write one object (a reply: see the module docs), within ``send_timeout``;
+        ``more`` objects in the same write (only towards a node: it reads a stream)."""
         assert self.sock is not None
-        data = encode(message)
+        data = b"".join(encode(m) for m in (message, *more))
         await aio.sendall(self.sock, data, timeout=self.send_timeout)
         self.bytes_out += len(data)
         self.outbox.wrote(asyncio.get_running_loop().time())

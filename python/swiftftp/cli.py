@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs, sdnotify
+from . import __version__, aio, logs, sdnotify
 from .config import (
     Loaded,
     Settings,
@@ -572,9 +572,10 @@ def proxy_main(argv: list[str] | None = None) -> int:
 
 
 def _run(main: Any) -> int:
-    """``asyncio.run``; a Ctrl-C before the signal handlers are in place is one line."""
+    """Run ``main`` on a new event loop (uvloop where installed, else asyncio's own; see
+    :func:`swiftftp.aio.run`); a Ctrl-C before the signal handlers are in place is one line."""
     try:
-        return asyncio.run(main)
+        return aio.run(main)
     except KeyboardInterrupt:
         return _fail("interrupted", 1)
 
@@ -634,4 +635,4 @@ def agent_main(argv: list[str] | None = None) -> int:
                 await task
         return 0
 
-    return asyncio.run(main())
+    return aio.run(main())

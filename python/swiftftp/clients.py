@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from . import aio
 from .channel import DeviceChannel
 from .command import CommandSession
+from .control import ControlRelay
 from .devices import login
 from .errors import Busy, PeerClosed, ProtocolError
 from .ftp import (
@@ -35,7 +36,7 @@ from .ftp import (
     Reply,
 )
 from .net import normalize_ip
-from .outbox import Waiting
+from .outbox import Waiting, rendezvous_grace
 from .protocol import error
 from .state import Device, Node
 
@@ -257,7 +258,10 @@ async def _take(
                     node.refuse("stranger on a rendezvous port", detail)
                     sock.close()
                 else:
-                    candidates[asyncio.ensure_future(_candidate(node, device, sock, waiting, command))] = sock
+                    loop = asyncio.get_running_loop()
+                    reaction = loop.time() - waiting.written_at if waiting.written else None
+                    candidate = _candidate(node, device, sock, waiting, command, reaction)
+                    candidates[asyncio.ensure_future(candidate)] = sock
             for task in done & set(candidates):
                 del candidates[task]
                 chan = task.result()
@@ -279,12 +283,15 @@ async def _take(
 
 
 async def _candidate(
-    node: Node, device: Device, sock: socket.socket, waiting: Waiting, command: CommandSession
+    node: Node, device: Device, sock: socket.socket, waiting: Waiting, command: CommandSession,
+    reaction: float | None,
 ) -> DeviceChannel | None:
     """One connection from the device's address on a rendezvous port: the device
-    logged in (its channel), or None (answered and closed)."""
+    logged in (its channel), or None (answered and closed). ``reaction``: seconds
+    from writing control_connection_waiting to this connection (outbox.rendezvous_grace)."""
     s = node.settings
-    chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace)
+    grace = s.device_grace if reaction is None else rendezvous_grace(reaction, s.device_grace)
+    chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=grace)
     try:
         async with asyncio.timeout(s.device_login_timeout):
             await login(node, chan, expected=device.android_id)
@@ -328,21 +335,17 @@ async def control_relay(
     device_sock, early = chan.detach()
     client = conn.sock
     client_ip = normalize_ip(client.getpeername()[0])
-    public = node.public_address_for(client)
-    counts = conn.counts
-    last = [time.monotonic()]
-    rewriter = ControlRewriter(client_ip, public)
-    to_device = LineSplitter(rewriter.command)
-    to_client = LineSplitter(rewriter.reply)
+    rewriter = ControlRewriter(client_ip, node.public_address_for(client))
     failures = [0]
+    relay: ControlRelay
 
     def deadline() -> float:
-        """Read again after every wake-up; never later than the idle deadline, which
-        the login (230) may bring forward."""
+        """Read again at every check; never later than the idle deadline, which the
+        login (230) may bring forward: ``logins`` then asks for a check."""
         if device.transferring_for(client_ip):
             idle = time.monotonic() + s.idle_timeout  # a transfer is activity too
         else:
-            idle = last[0] + s.idle_timeout
+            idle = relay.last + s.idle_timeout
         return idle if rewriter.logged_in else min(idle, login_deadline)
 
     def logins() -> None:
@@ -350,37 +353,27 @@ async def control_relay(
         if rewriter.logged_in and slot.held:
             slot.release()
             node.stats.observe_login(time.monotonic() - connected)
+            relay.check()
         while failures[0] < rewriter.failures:
             failures[0] += 1
             node.stats.login_failures += 1
             node.guard.failure(client_ip)
 
-    async def upstream() -> None:
-        while data := await aio.recv(client, 65536):
-            last[0] = time.monotonic()
-            counts[0] += len(data)
-            if out := to_device.feed(data):
-                await aio.sendall(device_sock, out, timeout=s.send_timeout)
-        await _finish(to_device, device_sock, s.send_timeout)
-
-    async def downstream() -> None:
-        while data := await aio.recv(device_sock, 65536):
-            last[0] = time.monotonic()
-            if out := to_client.feed(data):
-                logins()
-                await conn.send(out)
-        await _finish(to_client, client, s.send_timeout)
-
+    to_device = LineSplitter(rewriter.command)
+    to_client = LineSplitter(rewriter.reply)
+    relay = ControlRelay(
+        client, device_sock, to_device, to_client, deadline=deadline,
+        send_timeout=s.send_timeout, counts=conn.counts, on_down=logins,
+    )
     device.control_peers[client_ip] += 1
     try:
         with node.session("control", device, peer, client_ip) as info:
+            counts = conn.counts
             info.counters = lambda: (counts[0], counts[1])
-            await aio.sendall(device_sock, to_device.feed(first), timeout=s.send_timeout)
-            if early:
-                await conn.send(to_client.feed(early))
-                logins()
+            relay.start(to_device.feed(first), to_client.feed(early))
+            logins()
             try:
-                await aio.run_all(upstream(), downstream(), deadline=deadline)
+                await relay.done
             except TimeoutError:
                 if time.monotonic() >= deadline():
                     kind = "Idle" if rewriter.logged_in or time.monotonic() < login_deadline else "Login"
@@ -389,15 +382,8 @@ async def control_relay(
     except (OSError, TimeoutError):
         pass
     finally:
+        relay.close()
         device_sock.close()
         device.control_peers[client_ip] -= 1
         if device.control_peers[client_ip] <= 0:
             del device.control_peers[client_ip]
-
-
-async def _finish(lines: LineSplitter, dst: socket.socket, timeout: float) -> None:
-    """EOF from one side: pass on any unterminated tail, then the EOF itself."""
-    if tail := lines.flush():
-        await aio.sendall(dst, tail, timeout=timeout)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)

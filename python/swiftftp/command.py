@@ -79,7 +79,7 @@ class CommandSession:
     def start(self) -> None:
         """Become the device's command session: answer ``{"prefix"}`` and listen."""
         node, device = self.node, self.device
-        tune_device_socket(self.sock)
+        tune_device_socket(self.sock, keepalive=True)
         old = node.table.set_command(device, self)
         if old is not None:
             log.info("command session of %s replaced by a new login", device.prefix)

@@ -325,9 +325,11 @@ _BY_ATTR = {o.attr: o for o in OPTIONS}
 assert set(_BY_ATTR) == {f.name for f in fields(Settings)}, "every setting needs an Option"
 
 
-#: ``SWIFTFTP_…`` variables that are not settings: read by the relay and the benches.
+#: ``SWIFTFTP_…`` variables that are not settings: read by the relay, the event loop
+#: choice, kernel TLS, the test tools (and every ``SWIFTFTP_BENCH_…``, the benches').
 OTHER_ENV = frozenset({
-    "SWIFTFTP_RELAY", "SWIFTFTP_RELAY_WORKERS", "SWIFTFTP_RELAY_PIPE_SIZE", "SWIFTFTP_BENCH_GIB",
+    "SWIFTFTP_RELAY", "SWIFTFTP_RELAY_WORKERS", "SWIFTFTP_RELAY_PIPE_SIZE", "SWIFTFTP_LOOP",
+    "SWIFTFTP_KTLS", "SWIFTFTP_FTP_TOOLS",
 })
 SECTIONS = tuple(dict.fromkeys(o.section for o in OPTIONS))
 
@@ -477,7 +479,7 @@ def load(
                     apply(option, value, where(section, key))
     env = os.environ if env is None else env
     for name in sorted(env):
-        if not name.startswith("SWIFTFTP_") or name in OTHER_ENV:
+        if not name.startswith("SWIFTFTP_") or name in OTHER_ENV or name.startswith("SWIFTFTP_BENCH_"):
             continue
         option = _BY_ENV.get(name)
         if option is None:

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from . import admin, aio, logs, relay
+from . import admin, logs, relay
 from .clients import handle_client
 from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
@@ -54,6 +54,7 @@ class ProxyNode:
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[socket.socket] = []
+        self._paused: set[asyncio.TimerHandle] = set()  # accepting resumes (after EMFILE)
         self._servers: list[asyncio.Server] = []
         self._ids = itertools.count(1)
         self.ftp_port = settings.ftp_port
@@ -91,8 +92,8 @@ class ProxyNode:
         logs.setup_transfer_log(
             s.transfer_log if s.transfer_log else s.state_dir / "transfers.log", s.log_format
         )
-        self.spawn(self._accept(devices, handle_device, "dev"), "accept-devices")
-        self.spawn(self._accept(clients, handle_client, "ftp"), "accept-clients")
+        self._accept(devices, handle_device, "dev")
+        self._accept(clients, handle_client, "ftp")
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
         self.stats.listening = True
@@ -186,7 +187,12 @@ class ProxyNode:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        for handle in self._paused:
+            handle.cancel()
         for listener in self._listeners:
+            if listener.fileno() >= 0:
+                loop.remove_reader(listener.fileno())
             listener.close()
         self._listeners = []
         for server in self._servers:
@@ -221,21 +227,38 @@ class ProxyNode:
     def tasks(self) -> int:
         return len(self._tasks)
 
-    async def _accept(
+    def _accept(
         self,
         listener: socket.socket,
         handler: Callable[[ProxyNode, socket.socket], Coroutine[Any, Any, None]],
         kind: str,
     ) -> None:
-        while True:
-            try:
-                sock, _ = await aio.accept(listener)
-            except OSError as exc:  # EMFILE and friends: back off, keep the listener
-                log.warning("accept on the %s port failed: %s", kind, exc)
-                await asyncio.sleep(0.1)
-                continue
-            conn_id = f"{kind}{next(self._ids)}"
-            self.spawn(self._guard(handler, sock, conn_id), conn_id)
+        """Accept from a loop reader registered once (not one registration per
+        connection): each connection gets a task of its own."""
+        loop = asyncio.get_running_loop()
+        fd = listener.fileno()
+
+        def ready() -> None:
+            for _ in range(64):  # a burst at most, then the loop's other work
+                try:
+                    sock, _ = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # EMFILE and friends: pause, keep the listener
+                    log.warning("accept on the %s port failed: %s", kind, exc)
+                    loop.remove_reader(fd)
+                    self._paused.add(loop.call_later(0.1, resume))
+                    return
+                sock.setblocking(False)
+                conn_id = f"{kind}{next(self._ids)}"
+                self.spawn(self._guard(handler, sock, conn_id), conn_id)
+
+        def resume() -> None:
+            self._paused.clear()
+            if listener.fileno() >= 0:
+                loop.add_reader(fd, ready)
+
+        loop.add_reader(fd, ready)
 
     async def _guard(
         self,
@@ -369,10 +392,7 @@ class ProxyNode:
         if info.kind != "command":
             self.stats.closed_bytes[0] += up
             self.stats.closed_bytes[1] += down
-            try:
-                self.quota.flush([info])
-            except Exception:
-                log.exception("quota flush failed")
+            self.quota.settle(info)
         log.info(
             "session close id=%s kind=%s prefix=%s peer=%s up=%d down=%d duration=%.3f reason=%s",
             info.id, info.kind, info.prefix, info.peer, up, down, duration, outcome,

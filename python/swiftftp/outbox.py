@@ -43,6 +43,25 @@ from collections.abc import Callable
 #: acknowledgement's own delay covers it and nothing is added.
 GRACE = 0.01
 
+#: Least spacing after the ``{}`` of a rendezvous login (see :func:`rendezvous_grace`):
+#: in benches/wakeup.py, readers already blocked in recv read 2 pairs together in
+#: 10,500 at 5 ms with two CPU-spinning processes (none at 10 ms), 5 in 3,000 at 1 ms.
+RENDEZVOUS_FLOOR = 0.005
+
+
+def rendezvous_grace(reaction: float, cap: float) -> float:
+    """The spacing after the ``{}`` that ends a rendezvous login, from evidence.
+
+    The deployed device's command thread reads ``control_connection_waiting``,
+    connects to the port, logs in and reads the ``{}`` itself: ``reaction``, the
+    time from writing the message to that connection arriving, is how long that
+    very thread took to wake up and act just now (plus the round trip, which the
+    acknowledgement covers anyway). Twice that, at least :data:`RENDEZVOUS_FLOOR`,
+    at most ``cap`` (``device_grace``).
+    """
+    return min(cap, max(RENDEZVOUS_FLOOR, 2 * reaction))
+
+
 #: Polling of the acknowledgement (SIOCOUTQ): first after this, doubling to _POLL_MAX.
 _POLL_START = 0.0005
 _POLL_MAX = 0.02
@@ -51,11 +70,12 @@ _POLL_MAX = 0.02
 class Waiting:
     """One ``control_connection_waiting``: written yet, and taken by the device yet?"""
 
-    __slots__ = ("port", "written", "done")
+    __slots__ = ("port", "written", "written_at", "done")
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.written = False
+        self.written_at = 0.0  # loop time
         self.done = False
 
 
@@ -126,7 +146,7 @@ class Outbox:
             self._notices.clear()
             for _, waiting in out:
                 if waiting is not None:
-                    waiting.written = True
+                    waiting.written, waiting.written_at = True, now
             return out, None
         if not self._replies and not self._notices:
             return [], None
@@ -141,7 +161,7 @@ class Outbox:
             item = self._notices.popleft()
         waiting = item[1]
         if waiting is not None:
-            waiting.written = True
+            waiting.written, waiting.written_at = True, now
             self._waiting = waiting
         self._sent_at = now
         self._poll = _POLL_START

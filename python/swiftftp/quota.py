@@ -1,9 +1,9 @@
 """Quota accounting: bytes per device per period, from the relays' live counters.
 
 Usage lives in the registry as per-period totals that only ever receive
-increments, written at least every ``quota_flush_interval`` seconds and at
-the end of every session, so a crash loses at most that many seconds of
-accounting and an operator may reset a device's usage while the node runs.
+increments, written every ``quota_flush_interval`` seconds (and when the node
+stops), so a crash loses at most that many seconds of accounting and an
+operator may reset a device's usage while the node runs.
 
 Policy: a device at or over its quota is refused new data connections
 (error 15); a transfer that crosses the quota midway is allowed to finish.
@@ -39,10 +39,17 @@ def period_key(period: str, now: datetime | None = None) -> str:
 
 
 class QuotaBook:
-    """Reads and writes quota usage for the devices of one node."""
+    """Reads and writes quota usage for the devices of one node.
+
+    What a finished session moved waits in memory with what running sessions
+    moved, and reaches the registry at the next periodic :meth:`flush`: one
+    SQLite write per flush interval, not one per session.
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
+        #: Bytes of finished sessions not written yet, by device id.
+        self._pending: dict[str, int] = {}
 
     @property
     def period(self) -> str:
@@ -55,28 +62,36 @@ class QuotaBook:
         return self.node.settings.quota_bytes
 
     def used(self, device: Device) -> int:
-        """Bytes used this period, including what running sessions moved since the last flush."""
-        pending = sum(sum(s.unaccounted()) for s in device.sessions if s.accounted is not None)
-        return self.node.registry.usage(device.android_id, self.period) + pending
+        """Bytes used this period, including what was moved since the last flush."""
+        running = sum(sum(s.unaccounted()) for s in device.sessions if s.accounted is not None)
+        pending = self._pending.get(device.android_id, 0)
+        return self.node.registry.usage(device.android_id, self.period) + pending + running
+
+    def settle(self, session: Session) -> None:
+        """A session ended: keep what it moved since the last flush for the next one."""
+        if session.accounted is not None and session.device is not None:
+            if delta := session.take_unaccounted():
+                key = session.device.android_id
+                self._pending[key] = self._pending.get(key, 0) + delta
 
     def over(self, device: Device) -> bool:
         limit = self.limit(device)
         return bool(limit) and self.used(device) >= limit
 
-    def flush(self, sessions: list[Session] | None = None) -> None:
-        """Write what ``sessions`` (default: all accounted ones) moved since the last flush."""
-        if sessions is None:
-            sessions = [s for s in self.node.sessions if s.accounted is not None]
-        amounts: dict[str, int] = {}
-        for session in sessions:
-            if session.accounted is None or session.device is None:
-                continue
-            delta = session.take_unaccounted()
-            if delta:
-                key = session.device.android_id
-                amounts[key] = amounts.get(key, 0) + delta
-        if amounts:
-            self.node.registry.add_usage(self.period, amounts)
+    def flush(self) -> None:
+        """Write what every session moved since the last flush, and the devices'
+        ``last_seen`` (:meth:`Registry.flush_seen`)."""
+        for session in list(self.node.sessions):
+            self.settle(session)
+        amounts, self._pending = self._pending, {}
+        try:
+            if amounts:
+                self.node.registry.add_usage(self.period, amounts)
+        except BaseException:
+            for key, amount in amounts.items():  # not lost: the next flush tries again
+                self._pending[key] = self._pending.get(key, 0) + amount
+            raise
+        self.node.registry.flush_seen()
 
     async def run(self) -> None:
         """Flush periodically until cancelled; flush once more on the way out."""

@@ -34,8 +34,19 @@ class AccountExists(Exception):
     """``create_account`` for a device id the registry already knows."""
 
 
+#: Device id → prefix pairs kept in memory (a prefix never changes once allotted).
+CACHE_SIZE = 200_000
+
+
 class Registry:
-    """SQLite-backed device registry; safe to share between threads."""
+    """SQLite-backed device registry; safe to share between threads.
+
+    A device's prefix is read from SQLite once and then kept in memory, and
+    ``last_seen`` is written in batches (:meth:`flush_seen`): a login then costs
+    no query. Measured with the agent's 1-byte RETR through a node, which logs
+    a data connection in for every transfer (benches/test_latency.py): a
+    SELECT and an UPDATE per login were ≈ 0.15 ms of the node's ≈ 1 ms.
+    """
 
     def __init__(self, path: Path | str) -> None:
         if str(path) != ":memory:":
@@ -44,6 +55,8 @@ class Registry:
         self._lock = threading.Lock()
         #: The fleet's prefix map; None: this registry allots prefixes alone.
         self.shared: SharedPrefixes | None = None
+        self._prefixes: dict[str, str] = {}
+        self._seen: dict[str, float] = {}  # last_seen not yet written
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -67,14 +80,43 @@ class Registry:
             )
 
     def close(self) -> None:
+        self.flush_seen()
         with self._lock:
             self._db.close()
 
+    def _remember(self, android_id: str, prefix: str) -> str:
+        if len(self._prefixes) >= CACHE_SIZE:
+            del self._prefixes[next(iter(self._prefixes))]  # the oldest entry
+        self._prefixes[android_id] = prefix
+        return prefix
+
     def known(self, android_id: str) -> bool:
+        if android_id in self._prefixes:
+            return True
         with self._lock:
-            return self._db.execute(
-                "SELECT 1 FROM devices WHERE android_id = ?", (android_id,)
-            ).fetchone() is not None
+            row = self._db.execute(
+                "SELECT prefix FROM devices WHERE android_id = ?", (android_id,)
+            ).fetchone()
+        if row:
+            self._remember(android_id, row[0])
+        return row is not None
+
+    def flush_seen(self) -> None:
+        """Write the ``last_seen`` of the devices seen since the last call."""
+        if not self._seen:
+            return
+        seen, self._seen = self._seen, {}
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "UPDATE devices SET last_seen = ? WHERE android_id = ?",
+                    [(when, android_id) for android_id, when in seen.items()],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def prefix_for(self, android_id: str) -> str:
         """The device's prefix, allotting a new unique one on its first login.
@@ -83,20 +125,22 @@ class Registry:
         trip: call it from a thread then); later ones are answered here.
         """
         now = time.time()
+        prefix = self._prefixes.get(android_id)
+        if prefix is not None:
+            self._seen[android_id] = now
+            return prefix
         with self._lock:
             row = self._db.execute(
                 "SELECT prefix FROM devices WHERE android_id = ?", (android_id,)
             ).fetchone()
             if row:
-                self._db.execute(
-                    "UPDATE devices SET last_seen = ? WHERE android_id = ?", (now, android_id)
-                )
-                return row[0]
+                self._seen[android_id] = now
+                return self._remember(android_id, row[0])
             if self.shared is None:
-                return self._insert(android_id, None, now)
+                return self._remember(android_id, self._insert(android_id, None, now))
         prefix = self.shared.prefix_for(android_id, _candidate)  # not under the lock
         with self._lock:
-            return self._insert(android_id, None, now, prefix)
+            return self._remember(android_id, self._insert(android_id, None, now, prefix))
 
     def _insert(self, android_id: str, secret: str | None, now: float, prefix: str | None = None) -> str:
         """Add the device with ``prefix`` (the fleet's), or with a free one of our own."""

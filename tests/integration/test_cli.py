@@ -45,6 +45,9 @@ relay = "{backend}"
 session_rate = {session_rate}
 burst = 16384
 failure_delay = 0
+
+[quota]
+flush_interval = 0.2  # usage reaches the registry, where the CLI reads it, this often
 """
 
 
@@ -138,9 +141,11 @@ def test_sighup_reload_devices_and_stats_commands(node: Node, backend_name: str,
     config = ["--config", str(node.config)]
     done = node.cli("devices", *config, "list")
     assert done.returncode == 0 and device.prefix in done.stdout and "cli-phone" in done.stdout
-    done = node.cli("devices", *config, "show", device.prefix)
-    used = int(re.search(r"used\s+(\d+)", done.stdout)[1])
-    assert used >= 3_500_000
+    def used() -> int:
+        done = node.cli("devices", *config, "show", device.prefix)
+        return int(re.search(r"used\s+(\d+)", done.stdout)[1])
+
+    wait_until(lambda: used() >= 3_500_000, 5, "usage in the registry")
     assert node.cli("devices", *config, "set-quota", "cli-phone", "2M").returncode == 0
     done = node.cli("devices", *config, "show", "cli-phone")
     assert re.search(r"quota\s+2000000 \(device\)", done.stdout)

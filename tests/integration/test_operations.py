@@ -214,7 +214,8 @@ def test_quota_counts_exactly_the_bytes_moved(make_proxy, devices) -> None:
     wait_until(lambda: proxy.run(lambda n: not [s for s in n.sessions if s.kind != "command"]), 10)
     used = proxy.run(lambda n: n.quota.used(n.devices["metered"]))
     assert used == moved
-    assert node.registry.usage("metered", node.quota.period) == moved
+    # and in the registry at the next flush (every 0.2 s here)
+    wait_until(lambda: node.registry.usage("metered", node.quota.period) == moved, 5, "flushed")
     device.request({"action": "check_quota"})
     wait_until(lambda: device.replies, 5)
     assert device.replies.pop() == {"quota": 2**53 - 1, "used": moved}
