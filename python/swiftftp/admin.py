@@ -76,8 +76,9 @@ async def serve(node: Node, path: Path) -> asyncio.Server:
             pass
         finally:
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
 
     old = os.umask(0o177)
     try:

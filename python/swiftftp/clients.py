@@ -36,15 +36,14 @@ from .ftp import (
     Reply,
 )
 from .net import normalize_ip
-from .outbox import Waiting, rendezvous_grace
+from .outbox import rendezvous_grace
 from .protocol import error
+from .rendezvous import Rendezvous
 from .state import Device, Node
 
 log = logging.getLogger("swiftftp.clients")
 
 SHUTTING_DOWN = "421 This node is shutting down; try again in a moment."
-#: Connections from the device's address that may log in on a rendezvous port at once.
-MAX_CANDIDATES = 8
 
 
 class ClientConnection:
@@ -233,18 +232,17 @@ async def rendezvous(node: Node, device: Device, client_ip: str, timeout: float)
             outcome = "taken"
             return chan
         finally:
-            command.rendezvous_over(waiting, taken=outcome == "taken", timed_out=outcome == "timeout")
+            command.rendezvous_over(waiting, outcome)
 
 
 async def _take(
-    node: Node, device: Device, listener: socket.socket, waiting: Waiting, command: CommandSession
+    node: Node, device: Device, listener: socket.socket, waiting: Rendezvous, command: CommandSession
 ) -> DeviceChannel:
-    """Accept on the rendezvous port until the device has logged in there. Only the
-    device's own address is heard, each candidate within ``timeouts.device_login``;
-    a stranger is closed at once and never delays the device."""
+    """Accept on the rendezvous port until the device has logged in there (who may try:
+    :meth:`Rendezvous.admit`); a stranger is closed at once and never delays the device."""
     candidates: dict[asyncio.Task, socket.socket] = {}
     accept: asyncio.Future | None = None
-    port = listener.getsockname()[1]
+    loop = asyncio.get_running_loop()
     try:
         while True:
             if accept is None:
@@ -253,17 +251,17 @@ async def _take(
             if accept in done:
                 sock, address = accept.result()
                 accept = None
-                if normalize_ip(address[0]) != command.ip or len(candidates) >= MAX_CANDIDATES:
-                    detail = f"{address[0]} on port {port} of {device.prefix}"
-                    node.refuse("stranger on a rendezvous port", detail)
-                    sock.close()
-                else:
-                    loop = asyncio.get_running_loop()
-                    reaction = loop.time() - waiting.written_at if waiting.written else None
+                if waiting.admit(normalize_ip(address[0])):
+                    reaction = waiting.reaction(loop.time())
                     candidate = _candidate(node, device, sock, waiting, command, reaction)
                     candidates[asyncio.ensure_future(candidate)] = sock
+                else:
+                    detail = f"{address[0]} on port {waiting.port} of {device.prefix}"
+                    node.refuse("stranger on a rendezvous port", detail)
+                    sock.close()
             for task in done & set(candidates):
                 del candidates[task]
+                waiting.candidate_left()
                 chan = task.result()
                 if chan is not None:
                     return chan
@@ -283,7 +281,7 @@ async def _take(
 
 
 async def _candidate(
-    node: Node, device: Device, sock: socket.socket, waiting: Waiting, command: CommandSession,
+    node: Node, device: Device, sock: socket.socket, waiting: Rendezvous, command: CommandSession,
     reaction: float | None,
 ) -> DeviceChannel | None:
     """One connection from the device's address on a rendezvous port: the device
@@ -295,7 +293,7 @@ async def _candidate(
     try:
         async with asyncio.timeout(s.device_login_timeout):
             await login(node, chan, expected=device.android_id)
-        command.rendezvous_over(waiting, taken=True, timed_out=False)  # the next message may go
+        command.rendezvous_over(waiting, "taken")  # the next message may go
         return chan
     except ProtocolError as exc:
         log.info("rendezvous for %s: %s", device.prefix, exc)

@@ -11,9 +11,9 @@ Every wait is bounded:
 * a message the device's TCP does not acknowledge within ``timeouts.send``
   seconds, or a keepalive ``noop`` still unacknowledged at the next one, closes
   the session (the device is gone; it reconnects when it comes back);
-* :data:`MAX_RENDEZVOUS_FAILURES` rendezvous in a row that the device did not
-  take close it too: a device whose TCP still answers but which no longer does
-  its part should reconnect rather than keep its users waiting.
+* ``rendezvous.MAX_FAILURES`` rendezvous in a row that the device was told of and
+  did not take close it too: a device whose TCP still answers but which no
+  longer does its part should reconnect rather than keep its users waiting.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 from .channel import tune_device_socket, unacknowledged
 from .errors import ErrorCode, ProtocolError
 from .net import close_gracefully, normalize_ip
-from .outbox import Outbox, Waiting
+from .outbox import Outbox
 from .protocol import JsonStreamDecoder, action_of, encode, error
+from .rendezvous import MAX_FAILURES, Rendezvous
 
 if TYPE_CHECKING:
     from .state import Device, Node, Session
@@ -37,8 +38,6 @@ log = logging.getLogger("swiftftp.devices")
 
 #: Reported as the quota of a device that has none: the largest integer every JSON reader keeps.
 UNLIMITED_QUOTA = 2**53 - 1
-#: Rendezvous in a row a device may let time out before its session is closed.
-MAX_RENDEZVOUS_FAILURES = 3
 
 _REPLY_OK = encode({})
 _NOOP = encode({"action": "noop"})
@@ -99,32 +98,29 @@ class CommandSession:
             self.outbox.notify(encode(message))
             self._pump()
 
-    def rendezvous(self, port: int) -> Waiting:
+    def rendezvous(self, port: int) -> Rendezvous:
         """Ask the device to connect to ``port`` (``control_connection_waiting``)."""
-        waiting = Waiting(port)
+        rendezvous = Rendezvous(port, self.ip)
         if self._closed:
-            waiting.done = True
+            rendezvous.over("abandoned", 0)
         else:
-            self.outbox.notify(encode({"action": "control_connection_waiting", "port": port}), waiting)
+            message = encode({"action": "control_connection_waiting", "port": port})
+            self.outbox.notify(message, rendezvous)
             self._pump()
-        return waiting
+        return rendezvous
 
-    def rendezvous_over(self, waiting: Waiting, *, taken: bool, timed_out: bool) -> None:
-        """The device logged in on the port (``taken``), or the rendezvous ended without
-        it: ``timed_out`` if the device was told and did not come (a failure of the
-        device's), else abandoned (the client left first)."""
-        if waiting.done:
+    def rendezvous_over(self, rendezvous: Rendezvous, outcome: str) -> None:
+        """The device logged in on the port (``taken``), or the rendezvous ended
+        without it (``timeout``, ``abandoned``): see :class:`Rendezvous`."""
+        if rendezvous.done:
             return
-        was_written = waiting.written
-        self.outbox.taken(waiting)
-        if taken:
-            self.device.rendezvous_failures = 0
-        elif timed_out and was_written:
-            self.device.rendezvous_failures += 1
-            if self.device.rendezvous_failures >= MAX_RENDEZVOUS_FAILURES:
-                self.device.rendezvous_failures = 0
-                self.close(f"the device did not take {MAX_RENDEZVOUS_FAILURES} clients in a row")
-                return
+        device = self.device
+        device.rendezvous_failures = rendezvous.over(outcome, device.rendezvous_failures)
+        self.outbox.release(rendezvous)
+        if device.rendezvous_failures >= MAX_FAILURES:
+            device.rendezvous_failures = 0
+            self.close(f"the device did not take {MAX_FAILURES} clients in a row")
+            return
         self._pump()
 
     def close(self, reason: str, outcome: str = "ok", *, graceful: bool = False) -> None:

@@ -9,7 +9,7 @@ towards such a device, a message is written only once the device has provably
 read the one before:
 
 * after ``control_connection_waiting``: once the device has logged in on that
-  port (:meth:`Outbox.taken`), or that rendezvous has ended;
+  port, or that rendezvous has ended (:meth:`Outbox.release`);
 * after any other message (or a final ``{}`` that raw bytes follow): once the
   device's TCP has acknowledged it and ``grace`` seconds have passed since it
   was written. A reader blocked in ``read()`` takes a message the moment it
@@ -31,6 +31,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .rendezvous import Rendezvous
 
 #: Default spacing between a message and the next when the round trip is shorter:
 #: the time a reader blocked in ``read()`` may need to wake up and take the first
@@ -67,35 +71,23 @@ _POLL_START = 0.0005
 _POLL_MAX = 0.02
 
 
-class Waiting:
-    """One ``control_connection_waiting``: written yet, and taken by the device yet?"""
-
-    __slots__ = ("port", "written", "written_at", "done")
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.written = False
-        self.written_at = 0.0  # loop time
-        self.done = False
-
-
 class Outbox:
     """The messages waiting for one device connection, and the pacing rules above.
 
-    Feed it with :meth:`reply` and :meth:`notify`, tell it :meth:`taken` when the
-    device logged in on a rendezvous port; :meth:`writable` says what to write
-    now and when to ask again.
+    Feed it with :meth:`reply` and :meth:`notify`, tell it :meth:`release` when the
+    device logged in on a rendezvous port or the rendezvous ended; :meth:`writable`
+    says what to write now and when to ask again.
     """
 
-    __slots__ = ("paced", "grace", "_replies", "_notices", "_waiting", "_sent_at", "_poll")
+    __slots__ = ("paced", "grace", "_replies", "_notices", "_rendezvous", "_sent_at", "_poll")
 
     def __init__(self, paced: bool, grace: float = GRACE) -> None:
         self.paced = paced
         self.grace = grace
         self._replies: deque[bytes] = deque()
-        self._notices: deque[tuple[bytes, Waiting | None]] = deque()
-        #: The control_connection_waiting written and not yet taken.
-        self._waiting: Waiting | None = None
+        self._notices: deque[tuple[bytes, Rendezvous | None]] = deque()
+        #: The control_connection_waiting written, until released.
+        self._rendezvous: Rendezvous | None = None
         #: When the last other message was written, until it is known to be read.
         self._sent_at: float | None = None
         self._poll = _POLL_START
@@ -108,19 +100,18 @@ class Outbox:
         """Queue the reply to a device's request."""
         self._replies.append(data)
 
-    def notify(self, data: bytes, waiting: Waiting | None = None) -> None:
-        """Queue an unsolicited message; ``waiting`` marks a control_connection_waiting."""
-        self._notices.append((data, waiting))
+    def notify(self, data: bytes, rendezvous: Rendezvous | None = None) -> None:
+        """Queue an unsolicited message; with ``rendezvous``, its control_connection_waiting."""
+        self._notices.append((data, rendezvous))
 
-    def taken(self, waiting: Waiting) -> None:
+    def release(self, rendezvous: Rendezvous) -> None:
         """The device logged in on that rendezvous port, or the rendezvous ended: a
         message not written yet is dropped; one written no longer holds the rest back."""
-        waiting.done = True
-        if self._waiting is waiting:
-            self._waiting = None
-            self._sent_at = None  # it logged in there: it has read it
-        elif not waiting.written:
-            self._notices = deque(item for item in self._notices if item[1] is not waiting)
+        if self._rendezvous is rendezvous:
+            self._rendezvous = None
+            self._sent_at = None  # it logged in there (or gave up): nothing else to wait for
+        elif not rendezvous.written:
+            self._notices = deque(item for item in self._notices if item[1] is not rendezvous)
 
     def wrote(self, now: float) -> None:
         """Something other than a queued message was written (a final ``{}`` before
@@ -135,37 +126,37 @@ class Outbox:
 
     def writable(
         self, now: float, unacked: Callable[[], int]
-    ) -> tuple[list[tuple[bytes, Waiting | None]], float | None]:
+    ) -> tuple[list[tuple[bytes, Rendezvous | None]], float | None]:
         """The messages to write now, in order, and when to call again if something
-        must wait (None: nothing waits, or only for :meth:`taken`).
+        must wait (None: nothing waits, or only for :meth:`release`).
         ``unacked()`` gives the bytes written and not yet acknowledged."""
         if not self.paced:
             out = [(data, None) for data in self._replies]
             self._replies.clear()
             out += self._notices
             self._notices.clear()
-            for _, waiting in out:
-                if waiting is not None:
-                    waiting.written, waiting.written_at = True, now
+            for _, rendezvous in out:
+                if rendezvous is not None:
+                    rendezvous.written, rendezvous.written_at = True, now
             return out, None
         if not self._replies and not self._notices:
             return [], None
         wake = self.ready(now, unacked)
         if wake is not None:
             return [], wake
-        if self._waiting is not None:
-            return [], None  # until taken()
+        if self._rendezvous is not None:
+            return [], None  # until release()
         if self._replies:
-            item: tuple[bytes, Waiting | None] = (self._replies.popleft(), None)
+            item: tuple[bytes, Rendezvous | None] = (self._replies.popleft(), None)
         else:
             item = self._notices.popleft()
-        waiting = item[1]
-        if waiting is not None:
-            waiting.written, waiting.written_at = True, now
-            self._waiting = waiting
+        rendezvous = item[1]
+        if rendezvous is not None:
+            rendezvous.written, rendezvous.written_at = True, now
+            self._rendezvous = rendezvous
         self._sent_at = now
         self._poll = _POLL_START
-        return [item], (now + self.grace if len(self) and waiting is None else None)
+        return [item], (now + self.grace if len(self) and rendezvous is None else None)
 
     def ready(self, now: float, unacked: Callable[[], int]) -> float | None:
         """None once the device has read what was written (as far as the clock and

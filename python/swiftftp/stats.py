@@ -379,15 +379,17 @@ async def serve_http(node: Node, host: str, port: int) -> asyncio.Server:
                 "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n".encode()
                 + (body if method != "HEAD" else b"")
             )
-            await writer.drain()
+            async with asyncio.timeout(10):  # a scraper that does not read is let go
+                await writer.drain()
         except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         except Exception:
             logs.event(log, "stats_request_failed", level=logging.ERROR, exc_info=True)
         finally:
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1):
+                    await writer.wait_closed()
 
     return await asyncio.start_server(handle, host, port, reuse_address=True)
 
