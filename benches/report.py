@@ -5,7 +5,9 @@
 One line per benchmark (Gbit/s as iperf3's receiver measured it, the relay
 process's CPU seconds per GiB), then for the one-session and the 8-session
 cases the ratios rust/direct, rust/haproxy and rust/python (and, for the
-8-session case, rust with one worker against haproxy's one thread).
+8-session case, rust with one worker against haproxy's one thread). Then the
+latency table (benches/test_latency.py) with each target against ProFTPD's
+mod_proxy.
 """
 
 from __future__ import annotations
@@ -55,8 +57,32 @@ def report(data: dict[str, Any]) -> list[str]:
                 f"rust/haproxy {_ratio(one['gbit_s'], haproxy.get('gbit_s'))}; "
                 f"CPU/GiB rust/haproxy {_ratio(one.get('cpu_s_per_gib'), haproxy.get('cpu_s_per_gib'))}"
             )
+    lines += latency_report(data)
     if machine:
         lines.append(f"machine: {machine}")
+    return lines
+
+
+def latency_report(data: dict[str, Any]) -> list[str]:
+    """The login and small-file table, and the ratios to mod_proxy."""
+    rows = {b["extra_info"]["latency_target"]: b["extra_info"] for b in data.get("benchmarks", [])
+            if "latency_target" in b.get("extra_info", {})}
+    if not rows:
+        return []
+    lines = [f"{'target':<10} {'login p50 ms':>12} {'login p99 ms':>12} {'logins/s':>9} "
+             f"{'1-byte RETR p50 ms':>19}"]
+    for kind, info in rows.items():
+        lines.append(f"{kind:<10} {info['login_p50_ms']:>12.2f} {info['login_p99_ms']:>12.2f} "
+                     f"{info['logins_per_s']:>9.0f} {info['retr_p50_ms']:>19.2f}")
+    peer = rows.get("mod_proxy")
+    if peer:
+        for kind in ("agent", "field"):
+            if info := rows.get(kind):
+                lines.append(
+                    f"{kind}/mod_proxy: login p50 {_ratio(info['login_p50_ms'], peer['login_p50_ms'])}, "
+                    f"logins/s {_ratio(info['logins_per_s'], peer['logins_per_s'])}, "
+                    f"1-byte RETR {_ratio(info['retr_p50_ms'], peer['retr_p50_ms'])}"
+                )
     return lines
 
 
