@@ -83,6 +83,8 @@ class FieldDevice:
     upload_times: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     #: connects to the proxy's port N (default: straight to 127.0.0.1:N)
     dial: Callable[[int], socket.socket] | None = None
+    #: the FTP password it accepts; None: any
+    password: str | None = None
 
     def __post_init__(self) -> None:
         self._threads: list[threading.Thread] = []
@@ -200,6 +202,9 @@ class FtpSession:
         self.reply("331 Send password.")
 
     def ftp_PASS(self, arg: str) -> None:
+        if self.device.password is not None and arg != self.device.password:
+            self.reply("530 Login incorrect.")
+            return
         self.reply("230 Logged in.")
 
     def ftp_SYST(self, arg: str) -> None:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import aio
 from .channel import DeviceChannel
@@ -35,7 +35,8 @@ from .ftp import (
     PreLogin,
     Reply,
 )
-from .net import normalize_ip
+from .limits import Admission
+from .net import bracketed, normalize_ip
 from .outbox import rendezvous_grace
 from .protocol import error
 from .rendezvous import Rendezvous
@@ -82,30 +83,47 @@ class ClientConnection:
             await aio.sendall(self.sock, text.encode() + b"\r\n", timeout=1.0)
 
 
+LOCKED_OUT = "421 Too many failed logins from your address; try again later."
+
+
 async def handle_client(node: Node, sock: socket.socket) -> None:
     """One FTP client: answer it until it names an online device, then splice it there."""
     peer_ip, peer_port = sock.getpeername()[:2]
-    peer = f"{peer_ip}:{peer_port}"
     ip = normalize_ip(peer_ip)
+    peer = f"{bracketed(ip)}:{peer_port}"
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client = ClientConnection(sock, node.settings.send_timeout)
-    refusal = "shutting down" if node.draining else node.guard.admit(ip)
-    if refusal:
-        node.refuse(refusal, peer)
+    admission = "shutting down" if node.draining else node.guard.admit(ip)
+    if isinstance(admission, str):
+        node.refuse(admission, peer, ip)
         await client.last_words({
-            "locked out": "421 Too many failed logins from your address; try again later.",
+            "locked out": LOCKED_OUT,
             "shutting down": SHUTTING_DOWN,
-        }.get(refusal, "421 Too many connections from your address."))
+            "too many connections not logged in on this node": "421 This node is busy; try again later.",
+        }.get(admission, "421 Too many connections from your address."))
         return
+    admission.watch(lambda: _locked_out(node, sock, peer, ip))
     try:
-        await _serve_client(node, client, peer, ip)
+        await _serve_client(node, client, peer, ip, admission)
     finally:
-        node.guard.release(ip)
+        admission.release()
         node.left()
 
 
-async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str) -> None:
+def _locked_out(node: Node, sock: socket.socket, peer: str, ip: str) -> None:
+    """The address was locked out for guessing while this connection was still logging
+    in: a last word (not waited for) and an end to it, wherever it is."""
+    node.refuse("locked out", peer, ip)
+    with contextlib.suppress(OSError):
+        sock.send(LOCKED_OUT.encode() + b"\r\n")
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+async def _serve_client(
+    node: Node, client: ClientConnection, peer: str, ip: str, admission: Admission
+) -> None:
     s = node.settings
     connected = time.monotonic()
     login_deadline = connected + s.client_login_timeout
@@ -115,15 +133,17 @@ async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str
             await client.send_line(GREETING)
             found = await _pre_login(node, client, dialogue, peer, ip)
     except TimeoutError:
-        await _act(client, peer, dialogue.timed_out())
+        [reply] = [e for e in dialogue.timed_out() if isinstance(e, Reply)]
+        await client.last_words(reply.text)  # a client that does not read gets no wait
         return
     except (PeerClosed, OSError):
         return
     if found is None:
         return
     device, lookup = found
+    group = node.guard.group(ip)
     try:
-        with node.connection(device, "control"), _login_slot(device, ip, s.max_control_per_device) as slot:
+        with node.connection(device, "control"), _login_slot(device, group, s.max_control_per_device) as slot:
             try:
                 asked = time.monotonic()
                 chan = await rendezvous(node, device, ip, min(login_deadline - asked, s.rendezvous_timeout))
@@ -133,10 +153,16 @@ async def _serve_client(node: Node, client: ClientConnection, peer: str, ip: str
                 log.info("device %s did not take the connection: %s", device.prefix, reason)
                 await _act(client, peer, dialogue.device_unavailable())
                 return
+
+            def logged_in() -> None:
+                slot.release()
+                admission.logged_in()
+
             first = lookup.user_line + client.buffer
-            await control_relay(node, device, client, chan, first, peer, (connected, login_deadline), slot)
+            times = (connected, login_deadline)
+            await control_relay(node, device, client, chan, first, peer, times, logged_in)
     except Busy as exc:
-        node.refuse(str(exc), f"{device.prefix} from {peer}")
+        node.refuse(str(exc), f"{device.prefix} from {peer}", ip)
         await client.last_words(f"421 {str(exc).capitalize()}; try again later.")
 
 
@@ -151,15 +177,20 @@ async def _pre_login(
             if node.draining:
                 await _act(client, peer, [Reply(SHUTTING_DOWN), Close("node draining")])
                 return None
+            if not node.guard.may_guess(ip):  # before the lookup: a refused guess learns nothing
+                node.refuse("node-wide guess budget spent", peer, ip)
+                reply = "421 Too many failed logins on this node; try again later."
+                await _act(client, peer, [Reply(reply), Close("guess budget")])
+                return None
             device = node.table.online_device(lookup.prefix)
             if device is not None:
                 return device, lookup
             events = dialogue.unknown_prefix(lookup.prefix)
-        if any(isinstance(e, Failure) for e in events):
-            if node.guard.failure(ip):
-                node.refuse("prefix guessing lockout", peer)
-                events = [*events, Close("locked out")]
+        failure = next((e for e in events if isinstance(e, Failure)), None)
+        if failure is not None:
             node.stats.login_failures += 1
+            if node.guard.failure(ip, failure.guess):
+                return None  # locked out: this connection was closed with the others
             await asyncio.sleep(node.settings.failure_delay)  # slows guessing down
         if await _act(client, peer, events):
             return None
@@ -198,12 +229,13 @@ class LoginSlot:
 
 
 @contextlib.contextmanager
-def _login_slot(device: Device, ip: str, slots: int) -> Iterator[LoginSlot]:
-    """Hold a login slot; :class:`Busy` when ``ip`` already has half the device's slots
-    logging in (connections that never send a password must not lock out the others)."""
-    if device.logging_in[ip] >= max(1, slots // 2):
+def _login_slot(device: Device, group: str, slots: int) -> Iterator[LoginSlot]:
+    """Hold a login slot; :class:`Busy` when the address ``group`` already has half the
+    device's slots logging in (connections that never send a password must not lock
+    out the others)."""
+    if device.logging_in[group] >= max(1, slots // 2):
         raise Busy("too many logins in progress from your address")
-    slot = LoginSlot(device, ip)
+    slot = LoginSlot(device, group)
     try:
         yield slot
     finally:
@@ -219,7 +251,7 @@ async def rendezvous(node: Node, device: Device, client_ip: str, timeout: float)
     command = device.command
     if command is None:
         raise PeerClosed("device went offline")
-    with node.listener(client_ip) as listener:
+    with node.listener(node.guard.group(client_ip)) as listener:
         waiting = command.rendezvous(listener.getsockname()[1])
         outcome = "abandoned"  # the client left first, or the node stops
         try:
@@ -251,13 +283,14 @@ async def _take(
             if accept in done:
                 sock, address = accept.result()
                 accept = None
-                if waiting.admit(normalize_ip(address[0])):
+                if waiting.admit(node.guard.group(normalize_ip(address[0]))):
                     reaction = waiting.reaction(loop.time())
                     candidate = _candidate(node, device, sock, waiting, command, reaction)
                     candidates[asyncio.ensure_future(candidate)] = sock
                 else:
-                    detail = f"{address[0]} on port {waiting.port} of {device.prefix}"
-                    node.refuse("stranger on a rendezvous port", detail)
+                    stranger = normalize_ip(address[0])
+                    detail = f"{stranger} on port {waiting.port} of {device.prefix}"
+                    node.refuse("stranger on a rendezvous port", detail, stranger)
                     sock.close()
             for task in done & set(candidates):
                 del candidates[task]
@@ -320,7 +353,7 @@ async def control_relay(
     first: bytes,
     peer: str,
     login_times: tuple[float, float],
-    slot: LoginSlot,
+    logged_in: Callable[[], None],
 ) -> None:
     """Relay the control connection, rewriting it on the way (:class:`ControlRewriter`).
 
@@ -346,16 +379,20 @@ async def control_relay(
             idle = relay.last + s.idle_timeout
         return idle if rewriter.logged_in else min(idle, login_deadline)
 
+    done = [False]
+
     def logins() -> None:
-        """Follow the device's answers to the login: 230 frees the slot; 530s count."""
-        if rewriter.logged_in and slot.held:
-            slot.release()
+        """Follow the device's answers to the login: 230 ends the login phase (its slot,
+        its pre-login count); a 530 is a failed guess of a password."""
+        if rewriter.logged_in and not done[0]:
+            done[0] = True
+            logged_in()
             node.stats.observe_login(time.monotonic() - connected)
             relay.check()
         while failures[0] < rewriter.failures:
             failures[0] += 1
             node.stats.login_failures += 1
-            node.guard.failure(client_ip)
+            node.guard.failure(client_ip)  # a lockout closes this connection too
 
     to_device = LineSplitter(rewriter.command)
     to_client = LineSplitter(rewriter.reply)

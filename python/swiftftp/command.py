@@ -47,7 +47,7 @@ class CommandSession:
     """One device's command session (see the module docs)."""
 
     __slots__ = (
-        "node", "device", "sock", "peer", "ip", "info", "outbox", "bytes_in", "bytes_out",
+        "node", "device", "sock", "peer", "ip", "group", "info", "outbox", "bytes_in", "bytes_out",
         "last_recv", "last_send", "_decoder", "_loop", "_timer", "_wbuf", "_closed", "_closing",
     )
 
@@ -60,6 +60,7 @@ class CommandSession:
         self.peer = peer
         #: The device's address: only it may take a rendezvous port.
         self.ip = normalize_ip(sock.getpeername()[0])
+        self.group = node.guard.group(self.ip)
         self.outbox = Outbox(paced, node.settings.device_grace)
         self._decoder = JsonStreamDecoder()
         self._decoder.feed(early)
@@ -100,7 +101,7 @@ class CommandSession:
 
     def rendezvous(self, port: int) -> Rendezvous:
         """Ask the device to connect to ``port`` (``control_connection_waiting``)."""
-        rendezvous = Rendezvous(port, self.ip)
+        rendezvous = Rendezvous(port, self.group)
         if self._closed:
             rendezvous.over("abandoned", 0)
         else:

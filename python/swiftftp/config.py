@@ -100,7 +100,11 @@ class Settings:
     node_download_rate: int | None = None
     #: Token-bucket depth in bytes; 0 = 50 ms worth of the rate (at least 16 KiB).
     burst: int = 0
-    max_command_sessions: int = 10000
+    #: Devices online at once; 0 = half the descriptor limit (limits.Capacity).
+    max_command_sessions: int = 0
+    #: Connections not logged in yet, node-wide (FTP clients until the device's 230,
+    #: devices until their login); 0 = a quarter of the descriptor limit.
+    max_pending_connections: int = 0
     max_control_per_device: int = 16
     max_data_per_device: int = 32
     max_pending_listeners: int = 2000
@@ -118,6 +122,11 @@ class Settings:
     guess_lockout: float = 900.0
     #: A failed login is answered after this pause (slows guessing on one connection).
     failure_delay: float = 1.0
+    #: Failed guesses (unknown prefixes, a device's 530 to PASS) per second, node-wide:
+    #: guessing spread over many addresses gets no more than this.
+    guess_rate: float = 10.0
+    #: IPv6 addresses count for per-address limits by this prefix (/64: a subscriber's).
+    ipv6_prefix: int = 64
 
     # [quota]
     #: Bytes per device per period (control and data, both ways); 0 = unlimited.
@@ -293,12 +302,13 @@ def _options() -> list[Option]:
         limits += [(f"{scope}_rate", parse_bytes), (f"{scope}_upload_rate", _optional_bytes),
                    (f"{scope}_download_rate", _optional_bytes)]
     limits += [
-        ("burst", parse_bytes), ("max_command_sessions", count),
+        ("burst", parse_bytes), ("max_command_sessions", count), ("max_pending_connections", count),
         ("max_control_per_device", count), ("max_data_per_device", count),
         ("max_pending_listeners", count), ("max_connections_per_ip", count),
         ("max_pending_logins_per_ip", count), ("max_new_devices_per_ip", count),
         ("max_login_failures", _int(1, 1000)), ("guess_max_failures", _int(1, 10**6)),
         ("guess_window", seconds), ("guess_lockout", seconds), ("failure_delay", seconds),
+        ("guess_rate", seconds), ("ipv6_prefix", _int(1, 128)),
     ]
     quota = [
         ("bytes", "quota_bytes", parse_bytes),

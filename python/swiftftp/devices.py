@@ -18,7 +18,7 @@ from . import aio
 from .channel import DeviceChannel
 from .command import CommandSession
 from .errors import Busy, ErrorCode, PeerClosed, ProtocolError
-from .net import accept_first, dial, normalize_ip
+from .net import accept_first, bracketed, dial, normalize_ip
 from .protocol import action_of, error, field
 from .registry import AccountExists
 from .state import Device, Node
@@ -61,8 +61,9 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
             raise ProtocolError(ErrorCode.BAD_CREDENTIALS, "not the device expected here")
         stream = message.get("json_stream") is True
         if action != "authenticate" and not node.registry.known(android_id):
-            if not node.guard.new_device(normalize_ip(chan.peer[0])):
-                node.refuse("too many new devices from one address", "{}:{}".format(*chan.peer))
+            ip = normalize_ip(chan.peer[0])
+            if not node.guard.new_device(ip):
+                node.refuse("too many new devices from one address", f"{bracketed(ip)}:{chan.peer[1]}", ip)
                 raise ProtocolError(ErrorCode.INTERNAL, "too many new devices from this address")
         if action == "create_account":  # deprecated: answers a secret, then a login follows
             try:
@@ -88,19 +89,21 @@ async def handle_device(node: Node, sock: socket.socket) -> None:
     session, which then owns the socket)."""
     s = node.settings
     chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace)
-    peer = "{}:{}".format(*chan.peer)
     ip = normalize_ip(chan.peer[0])
+    peer = f"{bracketed(ip)}:{chan.peer[1]}"
     try:
-        if not node.guard.admit_login(ip):
-            node.refuse("too many pending device logins", peer)
-            raise ProtocolError(ErrorCode.INTERNAL, "too many connections from this address")
+        admission = node.guard.admit_login(ip, node.table.addresses)
+        if isinstance(admission, str):
+            node.refuse(admission, peer, ip)
+            text = "this node is busy" if "node" in admission else "too many connections from this address"
+            raise ProtocolError(ErrorCode.INTERNAL, text)
         try:
             async with asyncio.timeout(s.device_login_timeout):
                 who = await login(node, chan)
                 request = await chan.recv()
                 action = action_of(request)
         finally:
-            node.guard.login_done(ip)
+            admission.release()
         device = node.device(who.android_id, who.prefix)
         try:
             if action == "start_command_session":
@@ -109,7 +112,7 @@ async def handle_device(node: Node, sock: socket.socket) -> None:
             if action in ("data_pasv_listen", "data_port_connect"):
                 if node.quota.over(device):
                     node.stats.quota_refusals += 1
-                    node.refuse("over quota", device.prefix)
+                    node.refuse("over quota", device.prefix, ip)
                     raise ProtocolError(ErrorCode.OVER_QUOTA, "the device is over its quota")
                 with node.connection(device, "data"):
                     if action == "data_pasv_listen":
@@ -119,7 +122,7 @@ async def handle_device(node: Node, sock: socket.socket) -> None:
             else:
                 raise ProtocolError(ErrorCode.MALFORMED, f"unexpected action {action!r}")
         except Busy as exc:
-            node.refuse(str(exc), device.prefix)
+            node.refuse(str(exc), device.prefix, ip)
             raise ProtocolError(ErrorCode.INTERNAL, str(exc)) from None
         finally:
             node.table.forget_if_idle(device)
@@ -139,8 +142,7 @@ def start_command_session(node: Node, device: Device, chan: DeviceChannel, peer:
     """Hand the connection over to a :class:`CommandSession` (no task of its own)."""
     if node.draining:
         raise Busy("this node is shutting down")
-    s = node.settings
-    if device.command is None and node.table.online >= s.max_command_sessions:
+    if device.command is None and node.table.online >= node.guard.capacity.command_sessions:
         raise Busy("too many devices on this node")
     sock, early = chan.detach()
     owned = socket.socket(fileno=sock.detach())  # the handler's socket object is now empty
@@ -151,7 +153,7 @@ async def passive_data(node: Node, device: Device, chan: DeviceChannel, peer: st
     """``data_pasv_listen``: a port for the client, then ``data_pasv_accept``."""
     if not device.control_peers:
         raise ProtocolError(ErrorCode.PASV_TIMEOUT, "no control connection of this device here")
-    with node.listener(normalize_ip(chan.peer[0])) as listener:
+    with node.listener(node.guard.group(normalize_ip(chan.peer[0]))) as listener:
         await _passive(node, device, chan, peer, listener)
 
 
@@ -165,7 +167,8 @@ async def _passive(
         address = sock.getpeername()[0]
         if device.allows(address):
             return True
-        node.refuse("stranger on a passive port", f"{address} on port {port} of {device.prefix}")
+        node.refuse("stranger on a passive port", f"{address} on port {port} of {device.prefix}",
+                    normalize_ip(address))
         return None
 
     accept = asyncio.ensure_future(accept_first(listener, from_control_peer, s.pasv_listen_timeout))
@@ -205,7 +208,7 @@ async def active_data(
     except ValueError:
         raise ProtocolError(ErrorCode.CONNECT_FAILED, f"not an IP address: {address!r}") from None
     if not device.allows(target) or not 1024 <= port <= 65535:
-        node.refuse("bounce attempt", f"{device.prefix} asked for {address}:{port}")
+        node.refuse("bounce attempt", f"{device.prefix} asked for {address}:{port}", device.prefix)
         raise ProtocolError(ErrorCode.CONNECT_FAILED, "refused: not the client's address or port")
     try:
         client = await dial(target, port, node.settings.connect_timeout)

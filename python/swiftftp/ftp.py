@@ -48,9 +48,11 @@ class Lookup:
 
 @dataclass(frozen=True)
 class Failure:
-    """A failed login attempt (unknown prefix, no prefix); counted per client IP too."""
+    """A failed login attempt (unknown prefix, no prefix); counted per client address.
+    ``guess``: a prefix was tried (it takes from the node-wide guess budget too)."""
 
     reason: str
+    guess: bool = True
 
 
 Event = Reply | Close | Lookup | Failure
@@ -129,12 +131,12 @@ class PreLogin:
         self._anonymous = False
         return self._fail(
             "530 Login incorrect: log in as <prefix>_<user>, with the prefix your device shows.",
-            "no prefix",
+            "no prefix", guess=False,
         )
 
-    def _fail(self, text: str, reason: str) -> list[Event]:
+    def _fail(self, text: str, reason: str, guess: bool = True) -> list[Event]:
         self.failures += 1
-        events: list[Event] = [Failure(reason), Reply(text)]
+        events: list[Event] = [Failure(reason, guess), Reply(text)]
         if self.failures >= self.max_failures:
             events.append(Close("too many failures"))
         return events

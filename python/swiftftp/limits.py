@@ -1,74 +1,199 @@
-"""Bounds on what clients and devices may use: per-IP admission and prefix-guessing
-lockout, and the token buckets (node-wide, per device, per session) of every relay."""
+"""Bounds on what clients and devices may use: the node-wide caps from the descriptor
+limit, admission per address group, prefix-guessing lockout and the node-wide guess
+budget, and the token buckets (node-wide, per device, per session) of every relay."""
 
 from __future__ import annotations
 
+import resource
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 from .config import Settings
+from .net import address_group
 from .relay import Backend, Bucket
 
 if TYPE_CHECKING:
     from .state import Device
 
 
-class Guard:
-    """Per IP: open FTP connections, device connections not logged in yet, new device
-    ids in the last hour, and failed logins within a window.
+class Capacity:
+    """The node-wide caps derived from the descriptor limit (when a setting is 0).
 
-    ``guess_max_failures`` failures within ``guess_window`` seconds lock the
-    IP out for ``guess_lockout`` seconds: prefix guessing then costs a new
-    source address every few attempts.
+    Every session holds descriptors: a command session one, a relayed control
+    connection two (and a rendezvous listener while it is set up), a data
+    connection two sockets and, in the rust relay, two pipes (four more). So half
+    the limit goes to devices online, a quarter to connections not logged in yet
+    (what a flood of strangers fills), and the last quarter stays for the
+    relayed sessions, their data connections and rendezvous.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, nofile: int | None = None) -> None:
+        if nofile is None:
+            nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if nofile == resource.RLIM_INFINITY:
+                nofile = 1 << 20
+        self.nofile = nofile
+        self.command_sessions = settings.max_command_sessions or max(16, nofile // 2)
+        self.pending = settings.max_pending_connections or max(16, nofile // 4)
+
+    def describe(self) -> str:
+        return (f"descriptor limit {self.nofile}: up to {self.command_sessions} devices online, "
+                f"{self.pending} connections not logged in yet")
+
+
+class Admission:
+    """One admitted connection's place in the :class:`Guard`'s counts: released once,
+    when the connection ends; :meth:`logged_in` ends its pre-login part early."""
+
+    __slots__ = ("_guard", "_group", "_counter", "_pending", "_closer")
+
+    def __init__(self, guard: Guard, group: str, counter: Counter[str] | None) -> None:
+        self._guard = guard
+        self._group = group
+        self._counter = counter
+        self._pending = True
+        self._closer: Callable[[], None] | None = None
+        if counter is not None:
+            counter[group] += 1
+        guard.pending += 1
+
+    def watch(self, closer: Callable[[], None]) -> None:
+        """Call ``closer`` if the address is locked out while this is not logged in."""
+        self._closer = closer
+        self._guard._watchers.setdefault(self._group, set()).add(self)
+
+    def logged_in(self) -> None:
+        """No longer a connection not logged in: off the pending count, out of reach of
+        a lockout."""
+        if self._pending:
+            self._pending = False
+            self._guard.pending -= 1
+            if self._closer is not None:
+                watchers = self._guard._watchers.get(self._group)
+                if watchers is not None:
+                    watchers.discard(self)
+                    if not watchers:
+                        del self._guard._watchers[self._group]
+                self._closer = None
+
+    def release(self) -> None:
+        self.logged_in()
+        if self._counter is not None:
+            _decrement(self._counter, self._group)
+            self._counter = None
+
+    def _lock(self) -> None:
+        closer, self._closer = self._closer, None
+        if closer is not None:
+            closer()
+
+
+class Guard:
+    """Who may connect and try to log in, per address group (an IPv4 address, an IPv6
+    /64 by default: :func:`~swiftftp.net.address_group`) and node-wide.
+
+    * FTP connections per group, device connections not logged in per group, and
+      all connections not logged in yet node-wide (:class:`Capacity`);
+    * new device ids per group per hour (each takes a prefix for good);
+    * guessing: ``guess_max_failures`` failed logins within ``guess_window``
+      seconds lock the group out for ``guess_lockout`` seconds, its connections
+      still logging in included (they are closed); the failures are not forgotten
+      meanwhile, so the next one after the lockout locks it again. And a
+      node-wide budget of ``guess_rate`` failed guesses per second (a token
+      bucket, :meth:`may_guess`) bounds guessing spread over many addresses.
+    """
+
+    def __init__(self, settings: Settings, capacity: Capacity | None = None) -> None:
         self.settings = settings
+        self.capacity = capacity or Capacity(settings)
         self.connections: Counter[str] = Counter()
         self.logins: Counter[str] = Counter()
+        #: Connections not logged in yet, node-wide.
+        self.pending = 0
         self._failures = RecentEvents()
         self._new_devices = RecentEvents()
         self._locked_until: dict[str, float] = {}
+        self._watchers: dict[str, set[Admission]] = {}
+        self._tokens = self._burst
+        self._stamp = time.monotonic()
 
-    def admit(self, ip: str) -> str | None:
-        """Count a new connection from ``ip``; a refusal reason instead if it may not."""
-        if self.locked(ip):
+    def group(self, ip: str) -> str:
+        return address_group(ip, self.settings.ipv6_prefix)
+
+    def admit(self, ip: str) -> Admission | str:
+        """An FTP client's connection: its :class:`Admission`, or why it may not."""
+        group = self.group(ip)
+        if self.locked(group):
             return "locked out"
-        if self.connections[ip] >= self.settings.max_connections_per_ip:
+        if self.connections[group] >= self.settings.max_connections_per_ip:
             return "too many connections from this address"
-        self.connections[ip] += 1
-        return None
+        if self.pending >= self.capacity.pending:
+            return "too many connections not logged in on this node"
+        return Admission(self, group, self.connections)
 
-    def release(self, ip: str) -> None:
-        _decrement(self.connections, ip)
+    def admit_login(self, ip: str, reserved: Container[str] = ()) -> Admission | str:
+        """A device connection yet to log in: its :class:`Admission`, or why it may not
+        (silent connections held open must not use up the node's descriptors). From an
+        address group in ``reserved`` (a device online there: its data connections) the
+        node-wide cap does not apply, only the per-address one."""
+        group = self.group(ip)
+        if self.logins[group] >= self.settings.max_pending_logins_per_ip:
+            return "too many pending device logins"
+        if group not in reserved and self.pending >= self.capacity.pending:
+            return "too many connections not logged in on this node"
+        return Admission(self, group, self.logins)
 
-    def admit_login(self, ip: str) -> bool:
-        """Count a device connection from ``ip`` that is yet to log in; False past the cap
-        (silent connections held open must not use up the node's descriptors)."""
-        if self.logins[ip] >= self.settings.max_pending_logins_per_ip:
-            return False
-        self.logins[ip] += 1
-        return True
-
-    def login_done(self, ip: str) -> None:
-        _decrement(self.logins, ip)
-
-    def locked(self, ip: str) -> bool:
-        until = self._locked_until.get(ip)
+    def locked(self, group: str) -> bool:
+        until = self._locked_until.get(group)
         if until is None:
             return False
         if time.monotonic() >= until:
-            del self._locked_until[ip]
+            del self._locked_until[group]
             return False
         return True
 
-    def failure(self, ip: str) -> bool:
-        """Record a failed login; True if this one locks the IP out."""
+    # ---- guessing ------------------------------------------------------------------------
+
+    @property
+    def _burst(self) -> float:
+        return max(1.0, 2 * self.settings.guess_rate)
+
+    def _refill(self) -> float:
+        now = time.monotonic()
+        rate = self.settings.guess_rate
+        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * rate)
+        self._stamp = now
+        return self._tokens
+
+    def may_guess(self, ip: str) -> bool:
+        """May this address try a prefix now? One with no failure within the window
+        may (it cannot be told from a user who typed the right one); one with
+        failures needs a token of the node-wide budget. Checked before the lookup, so
+        a refused guess learns nothing. So the node answers at most ``guess_rate``
+        failed guesses a second, and one more per fresh address per window: 250
+        addresses get 10 + 250/600 ≈ 10.4 a second with the defaults."""
+        if not self.settings.guess_rate:
+            return True
+        tokens = self._refill()
+        if self._failures.count(self.group(ip), self.settings.guess_window):
+            return tokens >= 1
+        return True
+
+    def failure(self, ip: str, guess: bool = True) -> bool:
+        """Record a failed login (``guess``: a prefix or a password tried, which takes
+        from the node-wide budget); True if this one locks the address out, and then
+        its connections still logging in are closed."""
         s = self.settings
-        if self._failures.add(ip, s.guess_window) >= s.guess_max_failures:
-            self._failures.forget(ip)
-            self._locked_until[ip] = time.monotonic() + s.guess_lockout
+        group = self.group(ip)
+        if guess and s.guess_rate:
+            self._refill()
+            self._tokens -= 1
+        if self._failures.add(group, s.guess_window) >= s.guess_max_failures and not self.locked(group):
+            self._locked_until[group] = time.monotonic() + s.guess_lockout
+            for admission in list(self._watchers.pop(group, ())):
+                admission._lock()
             return True
         return False
 
@@ -76,14 +201,15 @@ class Guard:
         """Count the first login of a device id unknown to the registry; False past
         ``max_new_devices_per_ip`` in an hour.  Each new id takes a prefix for good, so
         one address must not be able to spray ids and use up the registry."""
-        if self._new_devices.count(ip, 3600) >= self.settings.max_new_devices_per_ip:
+        group = self.group(ip)
+        if self._new_devices.count(group, 3600) >= self.settings.max_new_devices_per_ip:
             return False
-        self._new_devices.add(ip, 3600)
+        self._new_devices.add(group, 3600)
         return True
 
     @property
     def locked_out(self) -> int:
-        return sum(1 for ip in list(self._locked_until) if self.locked(ip))
+        return sum(1 for group in list(self._locked_until) if self.locked(group))
 
 
 def _decrement(counter: Counter[str], key: str) -> None:
@@ -93,32 +219,35 @@ def _decrement(counter: Counter[str], key: str) -> None:
 
 
 class RecentEvents:
-    """Per IP, the times of recent events in a sliding window; memory stays bounded
-    under a spray of source addresses."""
+    """Per address group, the times of recent events in a sliding window. Memory stays
+    bounded under a spray of source addresses: past ``max_addresses`` entries the
+    stale ones go, and if none is stale the oldest."""
 
     def __init__(self, max_addresses: int = 100_000) -> None:
         self._times: dict[str, deque[float]] = {}
         self._max = max_addresses
 
-    def count(self, ip: str, window: float) -> int:
-        recent = self._times.get(ip)
+    def count(self, key: str, window: float) -> int:
+        recent = self._times.get(key)
         if not recent:
             return 0
         while recent and recent[0] < time.monotonic() - window:
             recent.popleft()
         return len(recent)
 
-    def add(self, ip: str, window: float) -> int:
-        """Record one event now; how many ``ip`` had within ``window`` seconds."""
+    def add(self, key: str, window: float) -> int:
+        """Record one event now; how many ``key`` had within ``window`` seconds."""
         now = time.monotonic()
-        if ip not in self._times and len(self._times) >= self._max:
+        if key not in self._times and len(self._times) >= self._max:
             for old in [a for a, q in self._times.items() if not q or q[-1] < now - window]:
                 del self._times[old]
-        self._times.setdefault(ip, deque()).append(now)
-        return self.count(ip, window)
+            if len(self._times) >= self._max:
+                del self._times[next(iter(self._times))]
+        self._times.setdefault(key, deque(maxlen=1024)).append(now)
+        return self.count(key, window)
 
-    def forget(self, ip: str) -> None:
-        self._times.pop(ip, None)
+    def forget(self, key: str) -> None:
+        self._times.pop(key, None)
 
 
 class Throttle:

@@ -13,6 +13,7 @@ format, and ``{"event": "session_close", "prefix": "mugvk", "peer": …, "up": 4
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
@@ -177,3 +178,54 @@ def log_transfer(**fields: Any) -> None:
         transfers.info(orjson.dumps({k: json_value(v) for k, v in fields.items()}).decode())
     else:
         transfers.info(" ".join(f"{k}={plain_value(v)}" for k, v in fields.items()))
+
+
+class Refusals:
+    """Refusals and other stranger-driven events, logged per reason as a summary.
+
+    The first of a reason in a quiet period is logged at once, with its detail;
+    the ones after it are counted and logged every ``interval`` seconds as one
+    line per reason (how many, and the addresses that caused most of them), so
+    a probe sizes the counts, not the log. Memory is bounded: at most
+    ``max_addresses`` addresses are told apart per reason, the rest are summed.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_addresses: int = 1000) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.max_addresses = max_addresses
+        self._counts: dict[str, int] = {}
+        self._addresses: dict[str, dict[str, int]] = {}
+
+    def add(self, reason: str, detail: str = "", address: str = "") -> None:
+        if reason not in self._counts:
+            self._counts[reason] = 0
+            event(self.logger, "refused", level=logging.WARNING, reason=reason, detail=detail or None)
+            return
+        self._counts[reason] += 1
+        if address:
+            by_address = self._addresses.setdefault(reason, {})
+            if address in by_address or len(by_address) < self.max_addresses:
+                by_address[address] = by_address.get(address, 0) + 1
+
+    def flush(self) -> None:
+        """Log the summary of the period that ended; reasons quiet in it are forgotten
+        (the next one is logged at once again)."""
+        for reason, count in list(self._counts.items()):
+            if not count:
+                del self._counts[reason]
+                continue
+            by_address = self._addresses.pop(reason, {})
+            top = sorted(by_address.items(), key=lambda kv: -kv[1])[:3]
+            event(self.logger, "refused_summary", level=logging.WARNING, reason=reason, count=count,
+                  seconds=self.interval, top=", ".join(f"{a} x{n}" for a, n in top) or None)
+            self._counts[reason] = 0
+
+    async def run(self) -> None:
+        """Flush every ``interval`` seconds until cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(self.interval)
+                self.flush()
+        finally:
+            self.flush()

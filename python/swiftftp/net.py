@@ -27,6 +27,16 @@ def normalize_ip(address: str) -> str:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=4096)
+def address_group(ip: str, ipv6_prefix: int = 64) -> str:
+    """What a per-address limit counts: an IPv4 address itself, an IPv6 address by its
+    ``/ipv6_prefix`` network (one subscriber usually holds a whole /64, and every
+    address in it is as easy to take as the next). ``ip`` as :func:`normalize_ip` gives it."""
+    if ":" not in ip:
+        return ip
+    return str(ipaddress.IPv6Network(f"{ip}/{ipv6_prefix}", strict=False))
+
+
 def family_of(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 

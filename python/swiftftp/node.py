@@ -20,7 +20,7 @@ from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError
 from .fleet import Bucket, Membership, ServerList, SharedPrefixes
-from .limits import Guard, Throttle
+from .limits import Capacity, Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
 from .registry import Registry
@@ -39,7 +39,9 @@ class ProxyNode:
         self.registry = registry or Registry(settings.registry_path)
         self.backend = relay.get_backend(settings.relay_backend)
         self.throttle = Throttle(self.backend, settings)
-        self.guard = Guard(settings)
+        self.capacity = Capacity(settings)
+        self.guard = Guard(settings, self.capacity)
+        self.refusals = logs.Refusals(log)
         self.quota = QuotaBook(self)
         self.stats = Stats()
         self.table = DeviceTable()
@@ -96,11 +98,13 @@ class ProxyNode:
         self._accept(clients, handle_client, "ftp")
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
+        self.spawn(self.refusals.run(), "refusals")
         self.stats.listening = True
         log.info(
             "listening on %s: FTP clients on port %d, devices on port %d, relay backend %s",
             bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
         )
+        log.info("%s", self.capacity.describe())
 
     async def _join_fleet(self) -> None:
         """Share the bucket's prefix map, and put this node on the server list."""
@@ -213,6 +217,8 @@ class ProxyNode:
         for device in self.devices.values():
             self._load_overrides(device)
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
+        capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
+        self.capacity.command_sessions, self.capacity.pending = capacity.command_sessions, capacity.pending
         log.info("reloaded: %s", ", ".join(applied) or "nothing changed")
         return applied
 
@@ -245,7 +251,7 @@ class ProxyNode:
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:  # EMFILE and friends: pause, keep the listener
-                    log.warning("accept on the %s port failed: %s", kind, exc)
+                    self.refusals.add(f"accept on the {kind} port failed: {exc.strerror or exc}")
                     loop.remove_reader(fd)
                     self._paused.add(loop.call_later(0.1, resume))
                     return
@@ -343,10 +349,11 @@ class ProxyNode:
                 del self._listeners_by_source[source]
             sock.close()
 
-    def refuse(self, reason: str, detail: str = "") -> None:
-        """Count and log a refusal."""
+    def refuse(self, reason: str, detail: str = "", address: str = "") -> None:
+        """Count a refusal, and log it: at once the first of its reason, then as a
+        periodic summary with the addresses that caused most (logs.Refusals)."""
         self.stats.refuse(reason)
-        log.warning("refused (%s)%s", reason, f": {detail}" if detail else "")
+        self.refusals.add(reason, detail, address)
 
     # ---- sessions -----------------------------------------------------------------
 

@@ -116,13 +116,16 @@ class DeviceTable:
     """The devices this node knows, by id and by prefix, with the number online
     kept as a count: every per-login decision is O(1)."""
 
-    __slots__ = ("by_id", "by_prefix", "online")
+    __slots__ = ("by_id", "by_prefix", "online", "addresses")
 
     def __init__(self) -> None:
         self.by_id: dict[str, Device] = {}
         self.by_prefix: dict[str, Device] = {}
         #: Devices with an open command session.
         self.online = 0
+        #: Address groups with a device online, and how many: their data connections are
+        #: let in past the node-wide cap on connections not logged in (a reserve).
+        self.addresses: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -140,6 +143,12 @@ class DeviceTable:
         """Make ``command`` the device's command session; returns the one it replaces."""
         old, device.command = device.command, command
         self.online += (command is not None) - (old is not None)
+        if command is not None:
+            self.addresses[command.group] += 1
+        if old is not None:
+            self.addresses[old.group] -= 1
+            if self.addresses[old.group] <= 0:
+                del self.addresses[old.group]
         return old
 
     def online_device(self, prefix: str) -> Device | None:
@@ -202,7 +211,7 @@ class Node(Protocol):
 
     def connection(self, device: Device, kind: str) -> contextlib.AbstractContextManager[None]: ...
 
-    def refuse(self, reason: str, detail: str = "") -> None: ...
+    def refuse(self, reason: str, detail: str = "", address: str = "") -> None: ...
 
     def left(self) -> None: ...
 

@@ -13,7 +13,6 @@ import pytest
 
 from swiftftp.config import Settings, describe, load_settings, parse_bytes, reloadable_changes
 from swiftftp.errors import ConfigError
-from swiftftp.limits import Guard
 from swiftftp.quota import period_key
 
 
@@ -116,19 +115,6 @@ def test_reload_tells_what_needs_a_restart() -> None:
 ])
 def test_parse_bytes(text: object, value: int) -> None:
     assert parse_bytes(text) == value
-
-
-def test_guard_locks_out_a_guessing_ip() -> None:
-    guard = Guard(Settings(guess_max_failures=3, guess_window=60, guess_lockout=60,
-                           max_connections_per_ip=2))
-    assert not guard.failure("198.51.100.1") and not guard.failure("198.51.100.1")
-    assert guard.failure("198.51.100.1")
-    assert guard.admit("198.51.100.1") == "locked out"
-    assert guard.admit("198.51.100.2") is None
-    assert guard.admit("198.51.100.2") is None
-    assert guard.admit("198.51.100.2") == "too many connections from this address"
-    guard.release("198.51.100.2")
-    assert guard.admit("198.51.100.2") is None
 
 
 def test_periods() -> None:
