@@ -35,18 +35,12 @@ def unacknowledged(sock: socket.socket) -> int:
     return struct.unpack("i", raw)[0]
 
 
-def tune_device_socket(sock: socket.socket, *, keepalive: bool = False) -> None:
-    """TCP_NODELAY (one object per segment); with ``keepalive`` (a command session,
-    open for days) TCP keepalives too, to find phones that vanished."""
-    sock.setblocking(False)
+def tune_device_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY: one object per segment, written when written. (No TCP keepalives: a
+    command session's own ``noop`` every ``keepalive`` seconds, unacknowledged by the
+    next, finds a phone that vanished, and keeps its NAT mapping alive.)"""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not keepalive:
-            return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
 class DeviceChannel:
@@ -57,10 +51,13 @@ class DeviceChannel:
     """
 
     def __init__(
-        self, sock: socket.socket, *, send_timeout: float = 30.0, grace: float = GRACE, paced: bool = True
+        self, sock: socket.socket, *, send_timeout: float = 30.0, grace: float = GRACE, paced: bool = True,
+        peer: tuple[str, int] | None = None,
     ) -> None:
+        sock.setblocking(False)
         tune_device_socket(sock)
         self.sock: socket.socket | None = sock
+        self._peer = peer
         self.send_timeout = send_timeout
         self.outbox = Outbox(paced, grace)
         self._decoder = JsonStreamDecoder()
@@ -78,8 +75,11 @@ class DeviceChannel:
 
     @property
     def peer(self) -> tuple[str, int]:
-        assert self.sock is not None
-        return self.sock.getpeername()[:2]
+        """(address, port) of the device, as accept() or the first call found it."""
+        if self._peer is None:
+            assert self.sock is not None
+            self._peer = self.sock.getpeername()[:2]
+        return self._peer
 
     async def recv(self) -> dict[str, Any]:
         """The next message; :class:`PeerClosed` at EOF, ``ProtocolError`` on junk."""

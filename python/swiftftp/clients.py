@@ -86,9 +86,10 @@ class ClientConnection:
 LOCKED_OUT = "421 Too many failed logins from your address; try again later."
 
 
-async def handle_client(node: Node, sock: socket.socket) -> None:
-    """One FTP client: answer it until it names an online device, then splice it there."""
-    peer_ip, peer_port = sock.getpeername()[:2]
+async def handle_client(node: Node, sock: socket.socket, address: tuple) -> bool:
+    """One FTP client: answer it until it names an online device, then splice it there.
+    The caller closes the socket afterwards (False: it is never kept)."""
+    peer_ip, peer_port = address[:2]
     ip = normalize_ip(peer_ip)
     peer = f"{bracketed(ip)}:{peer_port}"
     with contextlib.suppress(OSError):
@@ -102,13 +103,14 @@ async def handle_client(node: Node, sock: socket.socket) -> None:
             "shutting down": SHUTTING_DOWN,
             "too many connections not logged in on this node": "421 This node is busy; try again later.",
         }.get(admission, "421 Too many connections from your address."))
-        return
+        return False
     admission.watch(lambda: _locked_out(node, sock, peer, ip))
     try:
         await _serve_client(node, client, peer, ip, admission)
     finally:
         admission.release()
         node.left()
+    return False
 
 
 def _locked_out(node: Node, sock: socket.socket, peer: str, ip: str) -> None:

@@ -24,9 +24,9 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any
 
-from .channel import tune_device_socket, unacknowledged
+from .channel import unacknowledged
 from .errors import ErrorCode, ProtocolError
-from .net import close_gracefully, normalize_ip
+from .net import close_gracefully
 from .outbox import Outbox
 from .protocol import JsonStreamDecoder, action_of, encode, error
 from .rendezvous import MAX_FAILURES, Rendezvous
@@ -52,14 +52,15 @@ class CommandSession:
     )
 
     def __init__(
-        self, node: Node, device: Device, sock: socket.socket, peer: str, *, paced: bool, early: bytes = b""
+        self, node: Node, device: Device, sock: socket.socket, peer: str, *, paced: bool, early: bytes = b"",
+        ip: str,
     ) -> None:
         self.node = node
         self.device = device
         self.sock = sock
         self.peer = peer
         #: The device's address: only it may take a rendezvous port.
-        self.ip = normalize_ip(sock.getpeername()[0])
+        self.ip = ip
         self.group = node.guard.group(self.ip)
         self.outbox = Outbox(paced, node.settings.device_grace)
         self._decoder = JsonStreamDecoder()
@@ -79,7 +80,6 @@ class CommandSession:
     def start(self) -> None:
         """Become the device's command session: answer ``{"prefix"}`` and listen."""
         node, device = self.node, self.device
-        tune_device_socket(self.sock, keepalive=True)
         old = node.table.set_command(device, self)
         if old is not None:
             log.info("command session of %s replaced by a new login", device.prefix)
@@ -140,6 +140,7 @@ class CommandSession:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        node.keepalives.remove(self)
         if device.command is self:
             node.table.set_command(device, None)
         if self.info is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 from dataclasses import dataclass
 
@@ -28,9 +29,12 @@ log = logging.getLogger("swiftftp.devices")
 MAX_ANDROID_ID = 128
 
 
+_ANDROID_ID = re.compile(rf"[!-~]{{1,{MAX_ANDROID_ID}}}")
+
+
 def valid_android_id(android_id: str) -> bool:
     """Non-empty, not absurdly long, printable ASCII without spaces."""
-    return 0 < len(android_id) <= MAX_ANDROID_ID and all(33 <= ord(c) < 127 for c in android_id)
+    return _ANDROID_ID.fullmatch(android_id) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +64,11 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
         if expected is not None and android_id != expected:
             raise ProtocolError(ErrorCode.BAD_CREDENTIALS, "not the device expected here")
         stream = message.get("json_stream") is True
-        if action != "authenticate" and not node.registry.known(android_id):
-            ip = normalize_ip(chan.peer[0])
+        if action != "authenticate" and node.registry.lookup(android_id, seen=False) is None:
+            ip, port = chan.peer
+            ip = normalize_ip(ip)
             if not node.guard.new_device(ip):
-                node.refuse("too many new devices from one address", f"{bracketed(ip)}:{chan.peer[1]}", ip)
+                node.refuse("too many new devices from one address", f"{bracketed(ip)}:{port}", ip)
                 raise ProtocolError(ErrorCode.INTERNAL, "too many new devices from this address")
         if action == "create_account":  # deprecated: answers a secret, then a login follows
             try:
@@ -84,13 +89,13 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
         return Login(android_id, prefix, stream)
 
 
-async def handle_device(node: Node, sock: socket.socket) -> None:
-    """One connection on the device port, from login to close (or to the command
-    session, which then owns the socket)."""
+async def handle_device(node: Node, sock: socket.socket, address: tuple) -> bool:
+    """One connection on the device port, from login to close; True if the socket was
+    kept (a command session now owns it), else the caller closes it."""
     s = node.settings
-    chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace)
-    ip = normalize_ip(chan.peer[0])
-    peer = f"{bracketed(ip)}:{chan.peer[1]}"
+    chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace, peer=address[:2])
+    ip = normalize_ip(address[0])
+    peer = f"{bracketed(ip)}:{address[1]}"
     try:
         admission = node.guard.admit_login(ip, node.table.addresses)
         if isinstance(admission, str):
@@ -107,9 +112,10 @@ async def handle_device(node: Node, sock: socket.socket) -> None:
         device = node.device(who.android_id, who.prefix)
         try:
             if action == "start_command_session":
-                start_command_session(node, device, chan, peer, who)
-                return
+                start_command_session(node, device, chan, peer, who, ip)
+                return True
             if action in ("data_pasv_listen", "data_port_connect"):
+                node.load_overrides(device)
                 if node.quota.over(device):
                     node.stats.quota_refusals += 1
                     node.refuse("over quota", device.prefix, ip)
@@ -135,18 +141,20 @@ async def handle_device(node: Node, sock: socket.socket) -> None:
     except (PeerClosed, TimeoutError, OSError) as exc:
         log.info("device %s: %s", peer, exc or type(exc).__name__)
     # the caller closes the socket, gracefully (an error reply must not be lost to a RST),
-    # unless it was handed over (a command session, a relay): then it is already detached
+    # unless it was handed over to a relay: then it is already detached
+    return False
 
 
-def start_command_session(node: Node, device: Device, chan: DeviceChannel, peer: str, who: Login) -> None:
+def start_command_session(
+    node: Node, device: Device, chan: DeviceChannel, peer: str, who: Login, ip: str
+) -> None:
     """Hand the connection over to a :class:`CommandSession` (no task of its own)."""
     if node.draining:
         raise Busy("this node is shutting down")
     if device.command is None and node.table.online >= node.guard.capacity.command_sessions:
         raise Busy("too many devices on this node")
     sock, early = chan.detach()
-    owned = socket.socket(fileno=sock.detach())  # the handler's socket object is now empty
-    CommandSession(node, device, owned, peer, paced=not who.stream, early=early).start()
+    CommandSession(node, device, sock, peer, paced=not who.stream, early=early, ip=ip).start()
 
 
 async def passive_data(node: Node, device: Device, chan: DeviceChannel, peer: str) -> None:

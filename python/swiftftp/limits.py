@@ -285,10 +285,14 @@ class Throttle:
         return self._bucket(up), self._bucket(down)
 
     def chains(self, device: Device, session: tuple[Bucket, Bucket]) -> tuple[list, list]:
-        """(up chain, down chain) for a new data session of ``device``."""
+        """(up chain, down chain) for a new data session of ``device`` (its buckets made
+        now if this is its first; its overrides are loaded by then)."""
+        buckets = device.buckets
+        if buckets is None:
+            buckets = device.buckets = self.device_buckets(device)
         return (
-            [session[0], device.buckets[0], self.node[0]],
-            [session[1], device.buckets[1], self.node[1]],
+            [session[0], buckets[0], self.node[0]],
+            [session[1], buckets[1], self.node[1]],
         )
 
     def apply(self, settings: Settings, devices: list[Device], sessions: list) -> None:
@@ -298,7 +302,7 @@ class Throttle:
         for bucket, rate in zip(self.node, settings.rates("node"), strict=True):
             bucket.set_rate(rate, burst)
         for device in devices:
-            for bucket, rate in zip(device.buckets, self.device_rates(device), strict=True):
+            for bucket, rate in zip(device.buckets or (), self.device_rates(device), strict=False):
                 bucket.set_rate(rate, burst)
         up, down = settings.rates("session")
         for session in sessions:

@@ -122,6 +122,11 @@ def setup(log_format: str = "plain", verbose: bool = False, level: int | None = 
     for handler in list(root.handlers):
         if getattr(handler, "_swiftftp", False):
             root.removeHandler(handler)
+    # No record needs its caller's file and line, nor the process id or thread name:
+    # skipping them saves a stack walk and a getpid() per line (a reconnect storm of
+    # 15,000 devices logs tens of thousands of lines).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler._swiftftp = True  # type: ignore[attr-defined]
     handler.addFilter(SessionFilter())

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from . import admin, logs, relay
+from . import admin, logs, memory, relay
 from .clients import handle_client
 from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
@@ -29,6 +29,9 @@ from .stats import Stats, sample_throughput, serve_http
 from .timers import Wheel
 
 log = logging.getLogger("swiftftp")
+
+#: A listener's connection handler: (node, socket, peer address) → whether it kept the socket.
+Handler = Callable[["ProxyNode", socket.socket, tuple], Coroutine[Any, Any, bool]]
 
 
 class ProxyNode:
@@ -56,6 +59,7 @@ class ProxyNode:
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._listeners: list[socket.socket] = []
+        self._commit_soon = False
         self._paused: set[asyncio.TimerHandle] = set()  # accepting resumes (after EMFILE)
         self._servers: list[asyncio.Server] = []
         self._ids = itertools.count(1)
@@ -99,6 +103,7 @@ class ProxyNode:
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
         self.spawn(self.refusals.run(), "refusals")
+        self.spawn(memory.watch(self.table), "memory")
         self.stats.listening = True
         log.info(
             "listening on %s: FTP clients on port %d, devices on port %d, relay backend %s",
@@ -124,12 +129,27 @@ class ProxyNode:
                  ", ".join(fleet.servers))
 
     async def prefix_for(self, android_id: str) -> str:
-        """The device's prefix.  In a fleet, a first login on this node asks the bucket,
-        from a thread so the loop goes on; if S3 cannot be reached the device is told to
-        try again (error 0)."""
-        if self.registry.shared is None or self.registry.known(android_id):
-            return self.registry.prefix_for(android_id)
+        """The device's prefix. A device the registry knows costs no query once seen;
+        a first login allots one: here, or in a fleet by asking the bucket from a
+        thread so the loop goes on (if S3 cannot be reached the device is told to try
+        again, error 0)."""
+        prefix = self.registry.lookup(android_id)
+        if prefix is not None:
+            return prefix
+        if self.registry.shared is None:
+            prefix = self.registry.allot(android_id)
+            if not self._commit_soon:  # once per loop iteration, for all that came in it
+                self._commit_soon = True
+                asyncio.get_running_loop().call_soon(self._commit)
+            return prefix
         return await self._ask_fleet(self.registry.prefix_for, android_id)
+
+    def _commit(self) -> None:
+        self._commit_soon = False
+        try:
+            self.registry.commit()
+        except Exception:
+            log.exception("registry commit failed")
 
     async def create_account(self, android_id: str) -> str:
         """Legacy ``create_account`` (a secret); in a fleet, off the loop like prefix_for."""
@@ -215,7 +235,8 @@ class ProxyNode:
             if option.reloadable:
                 setattr(merged, option.attr, getattr(settings, option.attr))
         for device in self.devices.values():
-            self._load_overrides(device)
+            if device.overrides_loaded:  # the others read theirs at their first transfer
+                self._load_overrides(device)
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
         capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
         self.capacity.command_sessions, self.capacity.pending = capacity.command_sessions, capacity.pending
@@ -233,12 +254,7 @@ class ProxyNode:
     def tasks(self) -> int:
         return len(self._tasks)
 
-    def _accept(
-        self,
-        listener: socket.socket,
-        handler: Callable[[ProxyNode, socket.socket], Coroutine[Any, Any, None]],
-        kind: str,
-    ) -> None:
+    def _accept(self, listener: socket.socket, handler: Handler, kind: str) -> None:
         """Accept from a loop reader registered once (not one registration per
         connection): each connection gets a task of its own."""
         loop = asyncio.get_running_loop()
@@ -247,7 +263,7 @@ class ProxyNode:
         def ready() -> None:
             for _ in range(64):  # a burst at most, then the loop's other work
                 try:
-                    sock, _ = listener.accept()
+                    sock, address = listener.accept()
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:  # EMFILE and friends: pause, keep the listener
@@ -257,7 +273,7 @@ class ProxyNode:
                     return
                 sock.setblocking(False)
                 conn_id = f"{kind}{next(self._ids)}"
-                self.spawn(self._guard(handler, sock, conn_id), conn_id)
+                self.spawn(self._guard(handler, sock, address, conn_id), conn_id)
 
         def resume() -> None:
             self._paused.clear()
@@ -266,22 +282,20 @@ class ProxyNode:
 
         loop.add_reader(fd, ready)
 
-    async def _guard(
-        self,
-        handler: Callable[[ProxyNode, socket.socket], Coroutine[Any, Any, None]],
-        sock: socket.socket,
-        conn_id: str,
-    ) -> None:
-        """Whatever a handler does, the socket is closed and the listener lives on."""
+    async def _guard(self, handler: Handler, sock: socket.socket, address: tuple, conn_id: str) -> None:
+        """Whatever a handler does, the socket is closed (unless the handler kept it: a
+        command session owns it then) and the listener lives on."""
         logs.session_id.set(conn_id)
+        kept = False
         try:
-            await handler(self, sock)
+            kept = await handler(self, sock, address)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("connection handler failed")
         finally:
-            await close_gracefully(sock)
+            if not kept:
+                await close_gracefully(sock)
 
     # ---- devices ------------------------------------------------------------------
 
@@ -299,11 +313,17 @@ class ProxyNode:
         return self.table.get(android_id, prefix, self._new_device)
 
     def _new_device(self, device: Device) -> None:
-        self._load_overrides(device)
-        device.buckets = self.throttle.device_buckets(device)
+        pass  # overrides and buckets wait for the device's first transfer (see Device)
+
+    def load_overrides(self, device: Device) -> None:
+        """The operator's quota and rates for ``device`` from the registry (once; again on
+        SIGHUP)."""
+        if not device.overrides_loaded:
+            self._load_overrides(device)
 
     def _load_overrides(self, device: Device) -> None:
         record = self.registry.find(device.android_id)
+        device.overrides_loaded = True
         if record:
             device.quota_bytes = record.quota_bytes
             device.upload_rate, device.download_rate = record.upload_rate, record.download_rate

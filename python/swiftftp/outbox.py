@@ -29,7 +29,6 @@ true``, our agent) gets everything at once: :class:`Outbox` with ``paced=False``
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -84,8 +83,10 @@ class Outbox:
     def __init__(self, paced: bool, grace: float = GRACE) -> None:
         self.paced = paced
         self.grace = grace
-        self._replies: deque[bytes] = deque()
-        self._notices: deque[tuple[bytes, Rendezvous | None]] = deque()
+        # lists, not deques: they hold a message or two, and an empty deque costs 760
+        # bytes against a list's 56, for each of thousands of idle devices
+        self._replies: list[bytes] = []
+        self._notices: list[tuple[bytes, Rendezvous | None]] = []
         #: The control_connection_waiting written, until released.
         self._rendezvous: Rendezvous | None = None
         #: When the last other message was written, until it is known to be read.
@@ -111,7 +112,7 @@ class Outbox:
             self._rendezvous = None
             self._sent_at = None  # it logged in there (or gave up): nothing else to wait for
         elif not rendezvous.written:
-            self._notices = deque(item for item in self._notices if item[1] is not rendezvous)
+            self._notices = [item for item in self._notices if item[1] is not rendezvous]
 
     def wrote(self, now: float) -> None:
         """Something other than a queued message was written (a final ``{}`` before
@@ -147,9 +148,9 @@ class Outbox:
         if self._rendezvous is not None:
             return [], None  # until release()
         if self._replies:
-            item: tuple[bytes, Rendezvous | None] = (self._replies.popleft(), None)
+            item: tuple[bytes, Rendezvous | None] = (self._replies.pop(0), None)
         else:
-            item = self._notices.popleft()
+            item = self._notices.pop(0)
         rendezvous = item[1]
         if rendezvous is not None:
             rendezvous.written, rendezvous.written_at = True, now

@@ -57,6 +57,7 @@ class QuotaBook:
 
     def limit(self, device: Device) -> int:
         """The device's quota in bytes per period; 0 = unlimited."""
+        self.node.load_overrides(device)
         if device.quota_bytes is not None:
             return device.quota_bytes
         return self.node.settings.quota_bytes

@@ -70,11 +70,18 @@ class Session:
 
 
 class Device:
-    """What this node knows of one device while it has any connection here."""
+    """What this node knows of one device while it has any connection here.
+
+    An idle device (its command session only) is most of what a node holds, so
+    what only its transfers use is made on first use: its connection books, its
+    token buckets, its operator overrides (read from the registry at its first
+    transfer or quota check, not at every login). benches/test_density.py: 5.0
+    KiB per idle device before, with four empty collections and two buckets each.
+    """
 
     __slots__ = (
-        "android_id", "prefix", "command", "control_peers", "sessions", "connections",
-        "logging_in", "quota_bytes", "upload_rate", "download_rate", "buckets",
+        "android_id", "prefix", "command", "_control_peers", "_sessions", "_connections",
+        "_logging_in", "quota_bytes", "upload_rate", "download_rate", "buckets", "overrides_loaded",
         "rendezvous_failures",
     )
 
@@ -82,47 +89,75 @@ class Device:
         self.android_id = android_id
         self.prefix = prefix
         self.command: CommandSession | None = None
-        #: Peer IPs of this device's relayed control connections: the only
-        #: addresses its data connections may reach (RFC 2577).
-        self.control_peers: Counter[str] = Counter()
-        self.sessions: set[Session] = set()
-        #: Connections being set up or relayed, by kind (caps count these).
-        self.connections: Counter[str] = Counter()
-        #: Control connections not logged in yet (no 230 from the device), by client
-        #: address group: one address may hold only a share of the device's slots.
-        self.logging_in: Counter[str] = Counter()
+        self._control_peers: Counter[str] | None = None
+        self._sessions: set[Session] | None = None
+        self._connections: Counter[str] | None = None
+        self._logging_in: Counter[str] | None = None
         # Operator overrides from the registry (None: the node's defaults).
         self.quota_bytes: int | None = None
         self.upload_rate: int | None = None
         self.download_rate: int | None = None
-        self.buckets: tuple[Bucket, Bucket]
+        self.overrides_loaded = False
+        #: (up, down) token buckets shared by the device's data sessions; made at its first.
+        self.buckets: tuple[Bucket, Bucket] | None = None
         #: Rendezvous in a row that the device did not take (see command.py).
         self.rendezvous_failures = 0
 
+    @property
+    def control_peers(self) -> Counter[str]:
+        """Peer IPs of this device's relayed control connections: the only addresses its
+        data connections may reach (RFC 2577)."""
+        if self._control_peers is None:
+            self._control_peers = Counter()
+        return self._control_peers
+
+    @property
+    def sessions(self) -> set[Session]:
+        if self._sessions is None:
+            self._sessions = set()
+        return self._sessions
+
+    @property
+    def connections(self) -> Counter[str]:
+        """Connections being set up or relayed, by kind (caps count these)."""
+        if self._connections is None:
+            self._connections = Counter()
+        return self._connections
+
+    @property
+    def logging_in(self) -> Counter[str]:
+        """Control connections not logged in yet (no 230 from the device), by client
+        address group: one address may hold only a share of the device's slots."""
+        if self._logging_in is None:
+            self._logging_in = Counter()
+        return self._logging_in
+
     def allows(self, address: str) -> bool:
         """May this device's data connections reach ``address`` (RFC 2577)?"""
-        return normalize_ip(address) in self.control_peers
+        return bool(self._control_peers) and normalize_ip(address) in self.control_peers
 
     def transferring_for(self, client_ip: str) -> bool:
         """Is a data connection of this device relaying for ``client_ip`` now?"""
-        return any(s.kind == "data" and s.client_ip == client_ip for s in self.sessions)
+        return any(s.kind == "data" and s.client_ip == client_ip for s in self._sessions or ())
 
     @property
     def idle(self) -> bool:
-        return self.command is None and not self.sessions and not +self.connections
+        return self.command is None and not self._sessions and not self._connections
 
 
 class DeviceTable:
     """The devices this node knows, by id and by prefix, with the number online
     kept as a count: every per-login decision is O(1)."""
 
-    __slots__ = ("by_id", "by_prefix", "online", "addresses")
+    __slots__ = ("by_id", "by_prefix", "online", "peak", "addresses")
 
     def __init__(self) -> None:
         self.by_id: dict[str, Device] = {}
         self.by_prefix: dict[str, Device] = {}
-        #: Devices with an open command session.
+        #: Devices with an open command session, and the most since memory was last
+        #: given back (memory.py resets it).
         self.online = 0
+        self.peak = 0
         #: Address groups with a device online, and how many: their data connections are
         #: let in past the node-wide cap on connections not logged in (a reserve).
         self.addresses: Counter[str] = Counter()
@@ -143,6 +178,8 @@ class DeviceTable:
         """Make ``command`` the device's command session; returns the one it replaces."""
         old, device.command = device.command, command
         self.online += (command is not None) - (old is not None)
+        if self.online > self.peak:
+            self.peak = self.online
         if command is not None:
             self.addresses[command.group] += 1
         if old is not None:
@@ -172,7 +209,10 @@ def holding(device: Device, kind: str, cap: int, table: DeviceTable) -> Iterator
     try:
         yield
     finally:
-        device.connections[kind] -= 1
+        connections = device.connections
+        connections[kind] -= 1
+        if connections[kind] <= 0:
+            del connections[kind]  # none left: the device may be idle
         table.forget_if_idle(device)
 
 
@@ -196,6 +236,8 @@ class Node(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task: ...
 
     def device(self, android_id: str, prefix: str) -> Device: ...
+
+    def load_overrides(self, device: Device) -> None: ...
 
     def listener(self, source: str) -> contextlib.AbstractContextManager[socket.socket]: ...
 
