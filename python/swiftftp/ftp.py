@@ -261,6 +261,18 @@ def parse_pasv_reply(line: bytes) -> tuple[ipaddress.IPv4Address, int] | None:
     return ipaddress.IPv4Address(bytes(numbers[:4])), port
 
 
+_229 = re.compile(rb"\(([!-~])\1\1([1-9][0-9]{0,4})\1\)")
+
+
+def parse_epsv_reply(line: bytes) -> int | None:
+    """The port of a ``229 … (|||port|)`` reply (RFC 2428: any delimiter 33-126, port
+    1-65535 in decimal); None if there is none."""
+    m = _229.search(line)
+    if not m or int(m[2]) > 65535:
+        return None
+    return int(m[2])
+
+
 def pasv_reply(ip: ipaddress.IPv4Address, port: int) -> bytes:
     """``227 Entering Passive Mode (h1,h2,h3,h4,p1,p2).`` with its CRLF."""
     numbers = str(ip).replace(".", ",").encode()

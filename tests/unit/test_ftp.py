@@ -290,3 +290,19 @@ def test_only_the_clients_address_ever_reaches_the_device(line: bytes) -> None:
     assert verb not in ("EPRT", "LPRT", "LPSV")
     if verb in ("PASV", "EPSV"):
         assert out == b"PASV\r\n"
+
+
+def test_passive_replies_for_the_agent() -> None:
+    """The agent reads its local server's 227/229 with these: strict, None when not exact."""
+    import ipaddress
+
+    from swiftftp.ftp import parse_epsv_reply, parse_pasv_reply
+
+    assert parse_pasv_reply(b"227 Entering Passive Mode (127,0,0,1,195,80).\r\n") == (
+        ipaddress.IPv4Address("127.0.0.1"), 50000)
+    assert parse_pasv_reply(b"227 (0127,0,0,1,195,80)\r\n") is None
+    assert parse_pasv_reply(b"227 (127,0,0,1,256,80)\r\n") is None
+    assert parse_epsv_reply(b"229 Entering Extended Passive Mode (|||50000|)\r\n") == 50000
+    assert parse_epsv_reply(b"229 (!!!65535!)\r\n") == 65535
+    for bad in (b"229 (|||0|)", b"229 (|||99999|)", b"229 (|||050000|)", b"229 (||50000|)", b"229 (|||x|)"):
+        assert parse_epsv_reply(bad) is None, bad
