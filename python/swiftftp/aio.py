@@ -134,7 +134,10 @@ async def run_all(
     """Run ``coros`` as tasks until every one has finished.
 
     The first to fail cancels the others (and they are awaited before this
-    returns, so their sockets may be closed right after).  ``deadline``, read
+    returns, so their sockets may be closed right after); its exception is raised.
+    Every task's outcome is retrieved, also when several fail in the same loop
+    iteration (both pumps of a relay whose client died), so asyncio never logs "Task
+    exception was never retrieved".  ``deadline``, read
     again after every wake-up, is a ``time.monotonic()`` instant: once it has
     passed, ``TimeoutError`` (an idle timeout that activity keeps pushing back).
     """
@@ -143,8 +146,12 @@ async def run_all(
         while tasks:
             timeout = None if deadline is None else max(0.0, deadline() - time.monotonic())
             done, tasks = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()
+            failure: BaseException | None = None
+            for task in done:  # look at each one: that marks its exception retrieved
+                outcome = asyncio.CancelledError() if task.cancelled() else task.exception()
+                failure = failure or outcome
+            if failure is not None:
+                raise failure
             if deadline is not None and not done and time.monotonic() >= deadline():
                 raise TimeoutError("idle")
     finally:

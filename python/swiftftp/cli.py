@@ -38,7 +38,7 @@ from .config import (
     parse_host_port,
     resolve,
 )
-from .errors import ConfigError, FleetError
+from .errors import ConfigError, FleetError, RegistryError
 from .net import bracketed
 
 log = logging.getLogger("swiftftp")
@@ -170,6 +170,8 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     fd_limit = _raise_fd_limit()
     try:
         node = ProxyNode(settings)
+    except RegistryError as exc:  # one line naming the file and what to do
+        return _fail(str(exc), 1)
     except (sqlite3.Error, OSError) as exc:
         return _fail(f"cannot open the registry {settings.registry_path} (node.state_dir): {exc}", 1)
     except (ImportError, ValueError) as exc:
@@ -263,6 +265,9 @@ async def _demo(settings: Settings) -> int:
     threading.Thread(target=ftpd.serve_forever, kwargs={"timeout": 0.2}, daemon=True).start()
     try:
         node = ProxyNode(settings)
+    except RegistryError as exc:
+        ftpd.close_all()
+        return _fail(str(exc), 1)
     except (sqlite3.Error, OSError) as exc:
         ftpd.close_all()
         return _fail(f"cannot open the registry {settings.registry_path}: {exc}", 1)
@@ -368,6 +373,8 @@ def _devices(args: argparse.Namespace) -> int:
         return _fail(f"no registry at {settings.registry_path}", 1)
     try:
         registry = Registry(settings.registry_path)
+    except RegistryError as exc:
+        return _fail(str(exc), 1)
     except sqlite3.Error as exc:
         return _fail(f"cannot open the registry {settings.registry_path}: {exc}", 1)
     period = period_key(settings.quota_period)
@@ -419,6 +426,8 @@ def _devices(args: argparse.Namespace) -> int:
             registry.reset_usage(record.android_id, period)
             print(f"{record.prefix}: usage for {period} reset to 0")
         return 0
+    except RegistryError as exc:
+        return _fail(str(exc), 1)
     except ValueError as exc:
         return _fail(str(exc))
     except sqlite3.Error as exc:

@@ -401,6 +401,7 @@ async def control_relay(
     relay = ControlRelay(
         client, device_sock, to_device, to_client, deadline=deadline,
         send_timeout=s.send_timeout, counts=conn.counts, on_down=logins,
+        answers=rewriter.take_answers,
     )
     device.control_peers[client_ip] += 1
     try:

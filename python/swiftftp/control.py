@@ -58,6 +58,7 @@ class ControlRelay:
         send_timeout: float,
         counts: list[int],
         on_down: Callable[[], None] = lambda: None,
+        answers: Callable[[], bytes] = bytes,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._dirs = (_Direction(client, device, up), _Direction(device, client, down))
@@ -65,6 +66,7 @@ class ControlRelay:
         self._send_timeout = send_timeout
         self._counts = counts
         self._on_down = on_down
+        self._answers = answers  # the node's own replies to the client (ftp.ControlRewriter)
         self._timer: asyncio.TimerHandle | None = None
         self.last = time.monotonic()
         self.done: asyncio.Future[None] = self._loop.create_future()
@@ -79,6 +81,7 @@ class ControlRelay:
         for d in self._dirs:
             if not d.pending and not self.done.done():
                 self._read(d, True)
+        self._answer()
         self.check()
 
     # ---- reading and writing ------------------------------------------------------------
@@ -120,6 +123,18 @@ class ControlRelay:
             self._counts[1] += len(out)
             self._on_down()
         self._write(d, out)
+        if up:
+            self._answer()
+
+    def _answer(self) -> None:
+        """Send the client what the node answered itself; while the client has not taken
+        it, read nothing more from the client (its commands are what makes answers)."""
+        if answer := self._answers():
+            up, down = self._dirs
+            self._counts[1] += len(answer)
+            self._write(down, answer)
+            if down.pending:
+                self._read(up, False)
 
     def _write(self, d: _Direction, data: bytes) -> None:
         if self.done.done():
@@ -158,6 +173,9 @@ class ControlRelay:
 
     def _flushed(self, d: _Direction) -> None:
         """``d`` has nothing pending: read on, or pass its EOF on."""
+        up = self._dirs[0]
+        if d is not up and not up.pending and not self.done.done():
+            self._read(up, True)  # the client took the node's answers (see _answer)
         if not d.eof:
             self._read(d, True)
             return

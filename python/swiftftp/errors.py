@@ -50,3 +50,18 @@ class ConfigError(SwiftFTPError, ValueError):
 
 class FleetError(SwiftFTPError):
     """The fleet's S3 bucket could not be read or written."""
+
+
+class RegistryError(ProtocolError):
+    """The device registry cannot answer: damaged, unreadable, refused at start, or an
+    SQLite error while running.  ``str()`` is one line naming the file and the problem
+    (for the log and the command line).  A device whose request needed the registry is
+    answered error 0 ("device registry unavailable; try again"), which is why this is a
+    :class:`ProtocolError`: a handler that answers those answers this too."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INTERNAL, "device registry unavailable; try again")
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

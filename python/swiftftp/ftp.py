@@ -121,7 +121,7 @@ class PreLogin:
         prefix = prefix_bytes.decode("latin-1").lower()
         if not _PREFIX_RE.fullmatch(prefix):
             return self.unknown_prefix(prefix)
-        start = line.index(arg)  # keep the verb, spacing and line ending as sent
+        start = line.index(b" ") + 1  # keep the verb, spacing and line ending as sent
         user_line = line[:start] + line[start + len(prefix_bytes) + 1 :]
         return [Lookup(prefix, user_line)]
 
@@ -143,10 +143,142 @@ class PreLogin:
 
 
 # ---- rewriting of relayed control lines ---------------------------------------------
+#
+# Fail closed: a command that sets up a data connection (PORT, EPRT, PASV, EPSV, and the
+# long forms LPRT/LPSV of RFC 1639) is *recognised* the way the most lenient server would
+# read it (Telnet commands skipped, any case, leading blanks), and *accepted* only in the
+# exact form below. Anything else is answered by the node (501, 502, 504 or 522) and never
+# reaches the device; what does reach it is rebuilt from the parsed numbers, never copied.
+#
+#   PORT <SP> h1,h2,h3,h4,p1,p2      six decimal numbers 0-255, no leading zeros, no
+#                                    blanks inside (RFC 959 4.1.2); port 1024-65535
+#   EPRT <SP> <d>af<d>addr<d>port<d> RFC 2428: d one ASCII character 33-126, af 1 (IPv4,
+#                                    dotted quad, no leading zeros) or 2 (IPv6, no zone),
+#                                    port decimal 1024-65535 without leading zeros
+#   PASV                             no argument
+#   EPSV [<SP> 1|2|ALL]              RFC 2428; another number is 522, anything else 501
+#
+# One or more spaces may separate verb and argument and trail the argument; the line ends
+# in CRLF or LF. The address a client names is never used: the device gets the client's
+# own (RFC 2577). Ports below 1024 are refused with 504 (RFC 2577 section 3).
 
-_227 = re.compile(rb"^(227[ -].*?)(\d{1,3}(?:\s*,\s*\d{1,3}){3})((?:\s*,\s*\d{1,3}){2})")
-_PORT = re.compile(rb"^(port\s+)(\d{1,3},\d{1,3},\d{1,3},\d{1,3})(,\d{1,3},\d{1,3}\s*)$", re.I)
-_EPRT = re.compile(rb"^(eprt\s+)(.)([12])\2([^|]+)\2(\d{1,5})\2(\s*)$", re.I)
+#: Longest relayed command line (line end included) that reaches a device.  vsftpd reads
+#: 4096 bytes per command at most; a server that cuts a longer line could take its tail
+#: for a command of its own (a PORT behind padding), so such lines are answered 500.
+MAX_COMMAND_LINE = 4096
+#: Runs of commands sent on and not answered yet that are told apart (beyond: merged, and
+#: their replies get the plain treatment: still rewritten, never translated).
+MAX_PENDING = 4096
+#: The node's own answers waiting behind unanswered commands; beyond that a pipelining
+#: client gets no answer to further refused commands (no real client pipelines so much).
+MAX_HELD_ANSWERS = 256
+#: Answers not taken yet (:meth:`ControlRewriter.take_answers` after every feed keeps it small).
+MAX_ANSWER_BYTES = 1 << 20
+
+#: Telnet commands (RFC 854) a lenient server strips anywhere in a line (ProFTPD does):
+#: IAC WILL/WONT/DO/DONT <option>, IAC SB ... IAC SE, IAC <command>.
+_TELNET = re.compile(rb"\xff(?:[\xfb-\xfe].|\xfa.*?\xff\xf0|[^\xff])", re.S)
+_LEADING_VERB = re.compile(rb"[ \t\x00]*([A-Za-z]+)")
+#: A command line as accepted for a data verb: verb, optional argument, line end.
+_COMMAND = re.compile(rb"([A-Za-z]+)(?: +([^ \r\n]+))? *\r?\n")
+_NUMBER = rb"(?:0|[1-9][0-9]{0,2})"
+_PORT_ARG = re.compile(rb"%s(?:,%s){5}" % (_NUMBER, _NUMBER))
+_EPRT_PORT = re.compile(rb"[1-9][0-9]{0,4}")
+_IPV4_CHARS = re.compile(rb"[0-9.]{7,15}")
+_IPV6_CHARS = re.compile(rb"[0-9A-Fa-f:.]{2,45}")
+#: Six numbers in a 227 reply, as clients find them (ftplib: the first such run).
+_227_NUMBERS = re.compile(
+    rb"(?<![0-9])([0-9]{1,3}) *, *([0-9]{1,3}) *, *([0-9]{1,3}) *, *([0-9]{1,3})"
+    rb" *, *([0-9]{1,3}) *, *([0-9]{1,3})(?![0-9])"
+)
+_DATA_VERBS = frozenset({"PORT", "EPRT", "LPRT", "PASV", "EPSV", "LPSV"})
+
+
+def command_verb(line: bytes) -> str:
+    """The verb of a client's command line as a lenient server could read it: Telnet
+    commands and leading blanks skipped, the letters up to the first other byte, upper case."""
+    m = _LEADING_VERB.match(_TELNET.sub(b"", line))
+    return m[1].decode("ascii").upper() if m else ""
+
+
+def parse_port(arg: bytes) -> tuple[ipaddress.IPv4Address, int]:
+    """(address, port) of a ``PORT`` argument in the exact form above; ``ValueError``
+    for anything else (port 0 included: nothing can be dialled there)."""
+    if not _PORT_ARG.fullmatch(arg):
+        raise ValueError(f"not h1,h2,h3,h4,p1,p2: {arg[:64]!r}")
+    numbers = [int(x) for x in arg.split(b",")]
+    if max(numbers) > 255:
+        raise ValueError(f"a number over 255: {arg!r}")
+    port = numbers[4] << 8 | numbers[5]
+    if not port:
+        raise ValueError("port 0")
+    return ipaddress.IPv4Address(bytes(numbers[:4])), port
+
+
+def parse_eprt(arg: bytes) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """(address, port) of an ``EPRT`` argument (RFC 2428) in the exact form above;
+    ``ValueError`` for anything else."""
+    if not arg or not 33 <= arg[0] <= 126:
+        raise ValueError(f"no delimiter: {arg[:64]!r}")
+    fields = arg.split(arg[:1])
+    if len(fields) != 5 or fields[0] or fields[4]:
+        raise ValueError(f"not <d>af<d>addr<d>port<d>: {arg[:64]!r}")
+    family, address, port_text = fields[1:4]
+    if not _EPRT_PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"bad port {port_text[:16]!r}")
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if family == b"1":
+        if not _IPV4_CHARS.fullmatch(address):
+            raise ValueError(f"bad IPv4 address {address[:64]!r}")
+        ip = ipaddress.IPv4Address(address.decode("ascii"))  # no leading zeros, four parts
+    elif family == b"2":
+        if not _IPV6_CHARS.fullmatch(address):  # no zone id, nothing but the address
+            raise ValueError(f"bad IPv6 address {address[:64]!r}")
+        ip = ipaddress.IPv6Address(address.decode("ascii"))
+    else:
+        raise ValueError(f"unknown address family {family[:8]!r}")
+    return ip, int(port_text)
+
+
+def port_command(ip: ipaddress.IPv4Address, port: int) -> bytes:
+    """``PORT h1,h2,h3,h4,p1,p2`` with its CRLF."""
+    return b"PORT %s,%d,%d\r\n" % (str(ip).replace(".", ",").encode(), port >> 8, port & 255)
+
+
+def eprt_command(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bytes:
+    """``EPRT |af|addr|port|`` with its CRLF."""
+    return b"EPRT |%d|%s|%d|\r\n" % (1 if ip.version == 4 else 2, str(ip).encode(), port)
+
+
+def parse_pasv_reply(line: bytes) -> tuple[ipaddress.IPv4Address, int] | None:
+    """(address, port) of a ``227`` reply: the first run of six numbers, each 0-255, port
+    not 0; None if there is none."""
+    m = _227_NUMBERS.search(line)
+    if not m:
+        return None
+    numbers = [int(x) for x in m.groups()]
+    port = numbers[4] << 8 | numbers[5]
+    if max(numbers) > 255 or not port:
+        return None
+    return ipaddress.IPv4Address(bytes(numbers[:4])), port
+
+
+_229 = re.compile(rb"\(([!-~])\1\1([1-9][0-9]{0,4})\1\)")
+
+
+def parse_epsv_reply(line: bytes) -> int | None:
+    """The port of a ``229 … (|||port|)`` reply (RFC 2428: any delimiter 33-126, port
+    1-65535 in decimal); None if there is none."""
+    m = _229.search(line)
+    if not m or int(m[2]) > 65535:
+        return None
+    return int(m[2])
+
+
+def pasv_reply(ip: ipaddress.IPv4Address, port: int) -> bytes:
+    """``227 Entering Passive Mode (h1,h2,h3,h4,p1,p2).`` with its CRLF."""
+    numbers = str(ip).replace(".", ",").encode()
+    return b"227 Entering Passive Mode (%s,%d,%d).\r\n" % (numbers, port >> 8, port & 255)
 
 
 def _ipv4(address: str) -> ipaddress.IPv4Address | None:
@@ -156,33 +288,27 @@ def _ipv4(address: str) -> ipaddress.IPv4Address | None:
     return ip
 
 
+def _client_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+_NO_PASV = b"425 Cannot open data connection: the device's passive reply did not parse.\r\n"
+
+
 def rewrite_pasv_reply(line: bytes, public_address: str) -> bytes:
-    """A device's ``227`` names an address the client cannot reach: put ours there."""
+    """A device's ``227`` names an address the client cannot reach: the reply is rebuilt
+    with ours and the device's port, or becomes ``425`` when it does not parse (or
+    ``public_address`` has no IPv4 form)."""
+    parsed = parse_pasv_reply(line)
     ip = _ipv4(public_address)
+    if parsed is None:
+        return _NO_PASV
     if ip is None:
-        return line
-    return _227.sub(lambda m: m[1] + str(ip).replace(".", ",").encode() + m[3], line, count=1)
-
-
-def rewrite_port_command(line: bytes, peer_address: str) -> bytes:
-    """A client's ``PORT``/``EPRT`` may name any address: the device may only dial the
-    client's own (RFC 2577), so the address becomes the control connection's peer."""
-    body = line.rstrip(b"\r\n")
-    ending = line[len(body) :]
-    if m := _PORT.match(body):
-        ip = _ipv4(peer_address)
-        if ip is None:
-            return line
-        return m[1] + str(ip).replace(".", ",").encode() + m[3] + ending
-    if m := _EPRT.match(body):
-        ip = ipaddress.ip_address(peer_address.split("%")[0])
-        mapped = isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped
-        if mapped:
-            ip = mapped
-        family = b"1" if ip.version == 4 else b"2"
-        d = m[2]
-        return m[1] + d + family + d + str(ip).encode() + d + m[5] + d + m[6] + ending
-    return line
+        return b"425 Passive mode needs IPv4 here; use EPSV.\r\n"
+    return pasv_reply(ip, parsed[1])
 
 
 _REPLY = re.compile(rb"^(\d{3})([ -]?)")
@@ -191,73 +317,165 @@ _REPLY = re.compile(rb"^(\d{3})([ -]?)")
 class ControlRewriter:
     """Everything the proxy changes on a relayed control connection, line by line.
 
-    - A client's ``PORT``/``EPRT`` address becomes its own (RFC 2577).
-    - A device's ``227`` address becomes the node's public one.
+    - A client's ``PORT``/``EPRT`` address becomes its own (RFC 2577); a data verb
+      that does not parse exactly is answered by the node (see above).
+    - A device's ``227`` is rebuilt with the node's public address (``425`` if it
+      does not parse).
     - ``EPSV`` (RFC 2428) reaches the device as ``PASV`` and its ``227`` goes back
       as ``229 (|||port|)``: the field device answers 502 to ``EPSV`` (docs/protocol.md),
       and the port is the proxy's in either form.  So clients that insist on ``EPSV``
       (IPv6 clients, ``EPSV ALL``) get passive mode too, and curl saves a round trip.
       ``EPSV ALL`` reaches the device as ``NOOP``, whose ``200`` is answered for it.
-    - ``EPRT |1|…`` becomes ``PORT`` for the same reason.  An IPv6 client's ``EPRT``
-      is passed on as it is: ``PORT`` has no IPv6 form.
+    - ``EPRT`` becomes ``PORT`` for an IPv4 client for the same reason.  An IPv6
+      client's goes on as ``EPRT |2|…``: ``PORT`` has no IPv6 form.
+    - Command lines over :data:`MAX_COMMAND_LINE`, or with a CR inside (Java's
+      ``readLine``, the field device's, ends a line there too), are answered ``500``/``501``.
 
-    Replies are matched to commands in order, one final (non-1xx) reply each
-    (RFC 959, 4.2), so pipelined commands are translated correctly.
+    :meth:`command` returns what the device gets, ``b""`` when the node answers
+    the line itself; the answer is then in :meth:`take_answers`, or, if commands sent
+    before it are still unanswered, comes out of :meth:`reply` right after their
+    replies.  Replies are matched to commands in order, one final (non-1xx) reply
+    each (RFC 959, 4.2), so pipelined commands are translated correctly.
 
     It also follows the login: :attr:`logged_in` once the device answered ``230``,
     and :attr:`failures` counts its ``530`` replies before that.
     """
 
     def __init__(self, client_ip: str, public_address: str) -> None:
-        self._client_ip = client_ip
+        self._client = _client_address(client_ip)
         self._public = public_address
-        self._pending: deque[str] = deque()  # per command sent on: what its reply becomes
+        #: Per run of commands sent on: [what its reply becomes, how many]; or the
+        #: node's own answer waiting behind them: [answer bytes, how many].
+        self._pending: deque[list] = deque()
+        self._held = 0  # answers in _pending
+        self._answers = bytearray()  # due to the client, not taken yet
         self._multiline: bytes | None = None  # code of the multi-line reply being passed on
+        self._long = False  # inside a command line longer than the line splitter's limit
         self.logged_in = False
         self.failures = 0
 
+    # ---- client → device ----------------------------------------------------------
+
     def command(self, line: bytes) -> bytes:
-        """A line from the client, as the device gets it."""
+        """A line from the client, as the device gets it (``b""``: answered here)."""
         if not line.endswith(b"\n"):
-            return line  # a fragment of an over-long line: passed on as it is
-        verb, arg = split_command(line)
-        ending = b"\r\n"
-        expect = ""
+            self._long = True  # a piece of an over-long line (or the rest at EOF)
+            return b""
+        if self._long or len(line) > MAX_COMMAND_LINE:
+            self._long = False
+            self._answer("500 Command line too long.")
+            return b""
+        body = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if b"\r" in body:
+            self._answer("501 A CR inside a command line is not accepted here.")
+            return b""
+        verb = command_verb(line)
+        if verb not in _DATA_VERBS:
+            self._expect("")
+            return line
+        result = self._data_command(verb, line)
+        if isinstance(result, str):
+            self._answer(result)
+            return b""
+        out, expect = result
+        self._expect(expect)
+        return out
+
+    def _data_command(self, verb: str, line: bytes) -> tuple[bytes, str] | str:
+        """(line for the device, what its reply becomes), or the node's answer."""
+        m = _COMMAND.fullmatch(line)
+        if m is None or m[1].upper() != verb.encode():
+            return f"501 Syntax error in the {verb} command."
+        arg = m[2] or b""
+        if verb == "PASV":
+            return (b"PASV\r\n", "PASV") if not arg else "501 PASV takes no argument."
         if verb == "EPSV":
-            if arg.strip().upper() == b"ALL":
-                line, expect = b"NOOP" + ending, "EPSV ALL"
-            elif arg.strip() in (b"", b"1", b"2"):
-                line, expect = b"PASV" + ending, "EPSV"
-        elif verb in ("PORT", "EPRT"):
-            line = rewrite_port_command(line, self._client_ip)
-            if verb == "EPRT" and (port := _eprt_as_port(line)):
-                line = port + ending
-        self._pending.append(expect)
-        return line
+            if arg.upper() == b"ALL":
+                return b"NOOP\r\n", "EPSV ALL"
+            if arg in (b"", b"1", b"2"):
+                return b"PASV\r\n", "EPSV"
+            if arg.isdigit():
+                return "522 Network protocol not supported, use (1,2)."
+            return "501 Syntax: EPSV [1|2|ALL]."
+        if verb == "LPRT":
+            return "502 LPRT is not available through this proxy; use EPRT or PORT."
+        if verb == "LPSV":
+            return "502 LPSV is not available through this proxy; use EPSV or PASV."
+        try:
+            _, port = parse_port(arg) if verb == "PORT" else parse_eprt(arg)
+        except ValueError:
+            if verb == "PORT":
+                return "501 Syntax: PORT h1,h2,h3,h4,p1,p2 (numbers 0-255)."
+            return "501 Syntax: EPRT |1|IPv4 address|port| or |2|IPv6 address|port|."
+        if port < 1024:
+            return "504 Data port below 1024 refused (RFC 2577)."
+        if isinstance(self._client, ipaddress.IPv4Address):
+            return port_command(self._client, port), ""
+        if verb == "PORT":
+            return "501 PORT cannot name an IPv6 address; use EPRT."
+        return eprt_command(self._client, port), ""
+
+    def _expect(self, expect: str) -> None:
+        last = self._pending[-1] if self._pending else None
+        if last is not None and (last[0] == expect or (len(self._pending) >= MAX_PENDING
+                                                       and isinstance(last[0], str))):
+            last[1] += 1
+        else:
+            self._pending.append([expect, 1])
+
+    def _answer(self, text: str) -> None:
+        """The node answers a command: now, or after the replies to the commands before it."""
+        data = text.encode() + b"\r\n"
+        if not self._pending:
+            if len(self._answers) < MAX_ANSWER_BYTES:
+                self._answers += data
+            return
+        if self._held >= MAX_HELD_ANSWERS:
+            return
+        self._held += 1
+        last = self._pending[-1]
+        if last[0] == data:
+            last[1] += 1
+        else:
+            self._pending.append([data, 1])
+
+    def take_answers(self) -> bytes:
+        """The node's answers due to the client now (call after every :meth:`command`)."""
+        data, self._answers = bytes(self._answers), bytearray()
+        return data
+
+    # ---- device → client ----------------------------------------------------------
 
     def reply(self, line: bytes) -> bytes:
-        """A line from the device, as the client gets it."""
+        """A line from the device, as the client gets it (with any of the node's own
+        answers that were waiting for it)."""
+        before = self.take_answers() if self._answers else b""
         m = _REPLY.match(line)
         if self._multiline is not None:
             if m and m[1] == self._multiline and m[2] == b" ":
                 self._multiline = None
                 self._final()
                 self._login_reply(m[1])
-            return line
+                return before + line + self._release()
+            return before + line
         if not m:
-            return line
+            return before + line
         if m[2] == b"-":
             self._multiline = m[1]
-            return line
+            return before + line
         if line.startswith(b"1"):
-            return line  # preliminary: the command's final reply is still to come
+            return before + line  # preliminary: the command's final reply is still to come
         expect = self._final()
         self._login_reply(m[1])
-        if expect == "EPSV" and m[1] == b"227" and (port := _pasv_port(line)) is not None:
-            return b"229 Entering Extended Passive Mode (|||%d|)\r\n" % port
-        if expect == "EPSV ALL" and line.startswith(b"2"):
-            return b"200 EPSV ALL command successful.\r\n"
-        return rewrite_pasv_reply(line, self._public)
+        if m[1] == b"227":
+            if expect == "EPSV":
+                parsed = parse_pasv_reply(line)
+                line = b"229 Entering Extended Passive Mode (|||%d|)\r\n" % parsed[1] if parsed else _NO_PASV
+            else:
+                line = rewrite_pasv_reply(line, self._public)
+        elif expect == "EPSV ALL" and line.startswith(b"2"):
+            line = b"200 EPSV ALL command successful.\r\n"
+        return before + line + self._release()
 
     def _login_reply(self, code: bytes) -> None:
         if not self.logged_in:
@@ -267,30 +485,28 @@ class ControlRewriter:
                 self.failures += 1
 
     def _final(self) -> str:
-        return self._pending.popleft() if self._pending else ""
+        """What the oldest unanswered command's reply becomes ("" if none is known)."""
+        if not self._pending or not isinstance(self._pending[0][0], str):
+            return ""
+        head = self._pending[0]
+        head[1] -= 1
+        if not head[1]:
+            self._pending.popleft()
+        return head[0]
 
-
-def _pasv_port(line: bytes) -> int | None:
-    m = _227.match(line)
-    if not m:
-        return None
-    p1, p2 = (int(x) for x in m[3].replace(b" ", b"").split(b",")[1:])
-    return p1 * 256 + p2 if p1 < 256 and p2 < 256 else None
-
-
-def _eprt_as_port(line: bytes) -> bytes | None:
-    """``PORT h1,…,p2`` for an IPv4 ``EPRT`` line (already rewritten), else None."""
-    try:
-        address, port = parse_port_argument("EPRT", split_command(line)[1])
-    except ValueError:
-        return None
-    if ":" in address or not 0 < port < 65536:
-        return None
-    return b"PORT %s,%d,%d" % (address.replace(".", ",").encode(), port >> 8, port & 255)
+    def _release(self) -> bytes:
+        """The node's answers whose turn has come."""
+        out = b""
+        while self._pending and isinstance(self._pending[0][0], bytes):
+            data, count = self._pending.popleft()
+            self._held -= count
+            out += data * count
+        return out
 
 
 class LineSplitter:
-    """Cuts a byte stream into lines for rewriting, passing over-long lines through."""
+    """Cuts a byte stream into lines for rewriting, passing over-long lines on in pieces
+    (through the rewriting too, which may hold them back)."""
 
     def __init__(self, rewrite: Callable[[bytes], bytes] = bytes, max_line: int = 8192) -> None:
         self._rewrite = rewrite
@@ -317,20 +533,20 @@ class LineSplitter:
         return b"".join(self._rewrite(line) for line in self.split(data))
 
     def flush(self) -> bytes:
+        """The unfinished last line (at the end of the stream), rewritten as a fragment."""
         rest, self._partial = self._partial, b""
-        return rest
+        return self._rewrite(rest) if rest else b""
 
 
 def parse_port_argument(verb: str, arg: bytes) -> tuple[str, int]:
-    """(address, port) of a ``PORT h1,h2,h3,h4,p1,p2`` or ``EPRT |af|addr|port|``."""
-    text = arg.decode("latin-1").strip()
-    if verb == "PORT":
-        parts = [int(x) for x in text.split(",")]
-        if len(parts) != 6 or not all(0 <= x <= 255 for x in parts):
-            raise ValueError(text)
-        return ".".join(map(str, parts[:4])), parts[4] * 256 + parts[5]
-    delim = text[:1]
-    fields = text.split(delim)
-    if len(fields) != 5 or fields[1] not in ("1", "2"):
-        raise ValueError(text)
-    return normalize_ip(fields[2]), int(fields[3])
+    """(address, port) of a ``PORT h1,h2,h3,h4,p1,p2`` or ``EPRT |af|addr|port|``
+    argument in the exact form the node accepts (surrounding spaces allowed);
+    ``ValueError`` for anything else.  An IPv4-mapped IPv6 address comes out as IPv4."""
+    arg = arg.strip(b" ")
+    if verb.upper() == "PORT":
+        ip, port = parse_port(arg)
+    elif verb.upper() == "EPRT":
+        ip, port = parse_eprt(arg)
+    else:
+        raise ValueError(f"not PORT or EPRT: {verb[:16]!r}")
+    return normalize_ip(str(ip)), port

@@ -18,7 +18,7 @@ from .clients import handle_client
 from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device
-from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError
+from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
 from .fleet import Bucket, Membership, ServerList, SharedPrefixes
 from .limits import Capacity, Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
@@ -146,10 +146,8 @@ class ProxyNode:
 
     def _commit(self) -> None:
         self._commit_soon = False
-        try:
+        with contextlib.suppress(RegistryError):  # recorded and logged once by the registry
             self.registry.commit()
-        except Exception:
-            log.exception("registry commit failed")
 
     async def create_account(self, android_id: str) -> str:
         """Legacy ``create_account`` (a secret); in a fleet, off the loop like prefix_for."""
@@ -322,8 +320,11 @@ class ProxyNode:
             self._load_overrides(device)
 
     def _load_overrides(self, device: Device) -> None:
-        record = self.registry.find(device.android_id)
         device.overrides_loaded = True
+        try:
+            record = self.registry.find(device.android_id)
+        except RegistryError:  # logged once by the registry: the node's defaults meanwhile
+            return
         if record:
             device.quota_bytes = record.quota_bytes
             device.upload_rate, device.download_rate = record.upload_rate, record.download_rate

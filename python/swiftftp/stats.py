@@ -48,6 +48,8 @@ DEVICE_MEMORY = 10_000
 #: Throughput history for the status page: one point per HISTORY_STEP seconds.
 HISTORY_STEP = 5
 HISTORY_POINTS = 120  # ten minutes
+#: /readyz looks at the registry file itself (Registry.verify) at most this often, seconds.
+VERIFY_EVERY = 5.0
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _DURATIONS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0)
@@ -162,6 +164,8 @@ def snapshot(node: Node) -> dict[str, Any]:
         "login_failures": stats.login_failures,
         "ips_locked_out": node.guard.locked_out,
         "draining": node.draining,
+        # the first damage or I/O error of the registry met while running; None: none
+        "registry_error": node.registry.error,
         # the server list as of the last heartbeat; None outside a fleet
         "fleet_servers": list(node.fleet.servers) if node.fleet else None,
         # mean bytes/s of each step, oldest first (the status page's sparkline)
@@ -231,6 +235,8 @@ class NodeCollector:
                                 value=s["ips_locked_out"])
         yield GaugeMetricFamily("swiftftp_draining", "1 while the node drains before stopping",
                                 value=int(s["draining"]))
+        yield GaugeMetricFamily("swiftftp_registry_damaged", "1 once the registry failed while running "
+                                "(damage, I/O error; see the log)", value=int(bool(s["registry_error"])))
         if s["fleet_servers"] is not None:
             yield GaugeMetricFamily("swiftftp_fleet_servers", "Nodes on the fleet's server list",
                                     value=len(s["fleet_servers"]))
@@ -288,15 +294,21 @@ def _registry_problem(path: Any, timeout: float = 0.5) -> str | None:
 
 async def readiness(node: Node) -> list[str]:
     """Why the node should not be sent traffic now; empty when it is ready: listeners
-    up, registry writable, fleet bucket reachable at the last heartbeat, not draining."""
+    up, registry sound (no error met while running, the file itself checked at most
+    every VERIFY_EVERY s) and writable, fleet bucket reachable at the last heartbeat,
+    not draining."""
     reasons = []
     if not node.stats.listening:
         reasons.append("not listening")
     if node.draining:
         reasons.append("draining")
-    problem = await asyncio.to_thread(_registry_problem, node.settings.registry_path)
-    if problem:
-        reasons.append(f"registry not writable: {problem}")
+    damage = await asyncio.to_thread(node.registry.verify, at_most_every=VERIFY_EVERY)
+    if damage:
+        reasons.append(f"registry damaged: {damage}")
+    else:
+        problem = await asyncio.to_thread(_registry_problem, node.settings.registry_path)
+        if problem:
+            reasons.append(f"registry not writable: {problem}")
     error = getattr(node.fleet, "error", None) if node.fleet else None
     if error:
         reasons.append(f"fleet bucket unreachable at the last heartbeat: {error}")
@@ -427,6 +439,8 @@ def render_table(s: dict[str, Any]) -> str:
     ]
     if s.get("draining"):
         rows.append(("draining", "yes"))
+    if s.get("registry_error"):
+        rows.append(("registry error", s["registry_error"]))
     if s.get("fleet_servers") is not None:
         rows.append(("fleet servers", ", ".join(s["fleet_servers"]) or "(none)"))
     for reason, n in sorted(s["sessions_refused"].items()):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
-from swiftftp.registry import AccountExists, Registry
+from swiftftp.errors import ErrorCode, RegistryError
+from swiftftp.registry import SIDECAR, AccountExists, Registry, read_sidecar
 
 
 def test_prefix_is_stable_and_unique(tmp_path: Path) -> None:
@@ -29,3 +33,126 @@ def test_legacy_accounts(tmp_path: Path) -> None:
     assert not reg.check_secret("unknown", secret)
     with pytest.raises(AccountExists):
         reg.create_account("old-phone")
+
+
+# ---- integrity: at start, and while running ---------------------------------------------
+
+
+def filled(path: Path, devices: int = 300) -> dict[str, str]:
+    """A registry at ``path`` with ``devices`` devices, closed; their prefixes."""
+    reg = Registry(path)
+    prefixes = {f"phone-{i:04d}-{'x' * 30}": "" for i in range(devices)}
+    for android_id in prefixes:
+        prefixes[android_id] = reg.prefix_for(android_id)
+    reg.close()
+    return prefixes
+
+
+def refused(path: Path) -> str:
+    with pytest.raises(RegistryError) as info:
+        Registry(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert info.value.code == ErrorCode.INTERNAL  # what a device would be answered
+    return message
+
+
+def test_not_an_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    path.write_bytes(b"PK\x03\x04" + os.urandom(5000))
+    assert "not an SQLite database" in refused(path)
+    path.unlink()
+    path.mkdir()
+    assert "not a regular file" in refused(path)
+
+
+def test_half_written_registry(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    filled(path, 3000)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    message = refused(path)
+    assert "malformed" in message or "damaged" in message
+    assert message.endswith("restore it from a backup")
+
+
+def test_damaged_pages_found_by_the_check_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    filled(path, 3000)
+    with path.open("r+b") as f:
+        f.seek(4096 * 3)
+        f.write(b"\xa5" * 4096 * 2)
+    assert "damaged (" in refused(path)
+
+
+def test_an_empty_or_missing_registry_that_held_devices_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    first = filled(path, 3)
+    sidecar = tmp_path / SIDECAR
+    assert read_sidecar(sidecar) == 3
+    backup = path.read_bytes()
+    path.write_bytes(b"")  # a 0-byte registry
+    message = refused(path)
+    assert "holds no devices" in message and "says it held 3 devices" in message
+    assert f"remove {sidecar} to start afresh" in message
+    path.unlink()
+    assert "is missing" in refused(path)
+    assert not path.exists()  # refused before SQLite could create it
+    path.write_bytes(backup)  # restored from the backup: the same prefixes
+    reg = Registry(path)
+    assert all(reg.prefix_for(device) == prefix for device, prefix in first.items())
+    reg.close()
+    path.unlink()
+    sidecar.unlink()  # the operator's "start afresh"
+    Registry(path).close()
+
+
+def test_a_registry_recovered_from_its_wal_is_not_empty(tmp_path: Path) -> None:
+    """A node killed before SQLite checkpointed: the devices are in the -wal file."""
+    live = Registry(tmp_path / "a" / "registry.sqlite3")
+    prefix = live.prefix_for("phone")
+    (tmp_path / "b").mkdir()
+    for name in ("registry.sqlite3", "registry.sqlite3-wal", SIDECAR):
+        shutil.copy(tmp_path / "a" / name, tmp_path / "b" / name)
+    live.close()
+    copy = Registry(tmp_path / "b" / "registry.sqlite3")
+    assert copy.prefix_for("phone") == prefix
+    copy.close()
+
+
+def test_damage_while_running_is_recorded_once_and_known_devices_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "registry.sqlite3"
+    reg = Registry(path)
+    devices = [f"phone-{i}-{'y' * 40}" for i in range(3000)]
+    prefixes = [reg.prefix_for(d) for d in devices]
+    reg.flush_seen()
+    assert reg.verify() is None and reg.error is None
+    reg._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with path.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\x5a" * (path.stat().st_size - 4096))
+    with caplog.at_level(logging.ERROR, logger="swiftftp.registry"):
+        assert reg.verify() is not None
+        reg._db.execute("PRAGMA cache_size=0")
+        with pytest.raises(RegistryError):
+            reg.all()
+        with pytest.raises(RegistryError):
+            reg.add_usage("total", {devices[0]: 1})
+        reg.verify()
+    assert [r.levelname for r in caplog.records] == ["ERROR"]  # once, however often it fails
+    assert "registry damaged" in caplog.records[0].getMessage()
+    assert reg.error and "\n" not in reg.error
+    # cached devices are still answered from memory
+    assert reg.known(devices[7]) and reg.prefix_for(devices[7]) == prefixes[7]
+    reg.close()  # the pending last_seen cannot be written: no exception out of close
+
+
+def test_a_registry_replaced_under_the_node(tmp_path: Path) -> None:
+    path = tmp_path / "registry.sqlite3"
+    reg = Registry(path)
+    reg.prefix_for("phone")
+    path.rename(tmp_path / "moved.sqlite3")
+    assert reg.verify() == "the file was removed while the node runs"
+    reg.close()
