@@ -143,20 +143,26 @@ class FtpServerThread:
 class AgentThread(LoopThread):
     """The agent on its own loop, publishing ``ftp_port`` through the proxy."""
 
-    def __init__(self, proxy: ProxyThread, ftp_port: int, state_dir: Path, backend: str) -> None:
+    def __init__(self, proxy: ProxyThread, ftp_port: int, state_dir: Path, backend: str, *,
+                 ftp_host: str = "127.0.0.1", user: str = FTP_USER) -> None:
         super().__init__("agent")
         ready: concurrent.futures.Future[str] = concurrent.futures.Future()
         self.agent = Agent(
             AgentSettings(
-                proxy_host="127.0.0.1", proxy_port=proxy.device_port,
-                ftp_host="127.0.0.1", ftp_port=ftp_port,
-                state_dir=state_dir, client_port=proxy.ftp_port, user=FTP_USER,
+                proxy_host=proxy.node.settings.listen, proxy_port=proxy.device_port,
+                ftp_host=ftp_host, ftp_port=ftp_port,
+                state_dir=state_dir, client_port=proxy.ftp_port, user=user,
                 relay_backend=backend,
             ),
             on_ready=lambda url: ready.done() or ready.set_result(url),
         )
         self.task = asyncio.run_coroutine_threadsafe(self.agent.run(), self.loop)
-        self.url = ready.result(15)
+        try:
+            self.url = ready.result(15)
+        except concurrent.futures.TimeoutError:
+            failure = self.task.exception(0) if self.task.done() else None
+            self.close()
+            raise AssertionError(f"the agent did not come online within 15 s: {failure!r}") from None
         self.prefix = self.agent.prefix
         assert self.prefix
 

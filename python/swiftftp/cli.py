@@ -525,8 +525,8 @@ def agent_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ftp", required=True, metavar="HOST:PORT",
                         help="the FTP server to publish, e.g. 127.0.0.1:21")
     parser.add_argument("--state-dir", metavar="DIR",
-                        help="where the device id is kept, so the prefix never changes "
-                             "(default ~/.local/state/swiftftp)")
+                        help="where the device id is kept, so the prefix never changes; one "
+                             "agent per directory (default ~/.local/state/swiftftp-agent)")
     parser.add_argument("--client-port", type=int, default=2121, metavar="N",
                         help="the proxy's FTP port, for the printed URL (default 2121)")
     parser.add_argument("--user", default="anonymous", help="FTP user for the printed URL")
@@ -607,8 +607,7 @@ def _demo_main(args: argparse.Namespace) -> int:
 
 
 def agent_main(argv: list[str] | None = None) -> int:
-    from .agent import Agent, AgentSettings
-    from .config import default_state_dir
+    from .agent import Agent, AgentSettings, StateDirLocked, default_state_dir
 
     args = agent_parser().parse_args(argv)
     try:
@@ -635,4 +634,9 @@ def agent_main(argv: list[str] | None = None) -> int:
                 await task
         return 0
 
-    return aio.run(main())
+    try:
+        return aio.run(main())
+    except StateDirLocked as exc:
+        return _fail(str(exc), 1, "swiftftp-agent")
+    except KeyboardInterrupt:
+        return _fail("interrupted", 1, "swiftftp-agent")
