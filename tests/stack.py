@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -19,6 +23,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 
 from swiftftp.agent import Agent, AgentSettings
 from swiftftp.config import Settings
+from swiftftp.net import bracketed
 from swiftftp.node import ProxyNode
 
 T = TypeVar("T")
@@ -169,3 +174,83 @@ class AgentThread(LoopThread):
     def close(self) -> None:
         self.task.cancel()
         self.stop()
+
+
+class AgentProcess:
+    """``swiftftp-agent`` as its own process (as people run it), publishing
+    ``ftp_host:ftp_port`` through ``proxy``; ready once it printed its URL.
+
+    Its stderr is kept in ``logs``; ``logged(text)`` waits for a line."""
+
+    def __init__(self, proxy: ProxyThread, ftp_host: str, ftp_port: int, state_dir: Path,
+                 backend: str | None = None, *, user: str = FTP_USER, extra: tuple[str, ...] = (),
+                 wait: bool = True) -> None:
+        host = proxy.node.settings.listen
+        code = "import sys; from swiftftp.cli import agent_main; sys.exit(agent_main())"
+        argv = [sys.executable, "-c", code, "--proxy", f"{bracketed(host)}:{proxy.device_port}",
+                "--ftp", f"{bracketed(ftp_host)}:{ftp_port}", "--state-dir", str(state_dir),
+                "--client-port", str(proxy.ftp_port), "--user", user, *extra]
+        if backend:
+            argv += ["--relay", backend]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWIFTFTP_")}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.logs: list[str] = []
+        self.urls: list[str] = []
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.urls), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.logs), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.url = ""
+        self.prefix = ""
+        if wait:
+            self.wait_ready()
+
+    def _read(self, stream: Any, into: list[str]) -> None:
+        for line in stream:
+            with self._changed:
+                into.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait(self, found: Callable[[], T | None], timeout: float, what: str) -> T:
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None or self.proc.poll() is not None,
+                                          timeout):
+                raise AssertionError(f"agent: no {what} within {timeout:g} s: {self.logs[-5:]}")
+            value = found()
+        if value is None:
+            raise AssertionError(f"agent exited {self.proc.wait(5)} before {what}: {self.logs[-5:]}")
+        return value
+
+    def wait_ready(self, timeout: float = 20) -> str:
+        """The URL it printed (waits for it, bounded); sets ``url`` and ``prefix``."""
+        self.url = self._wait(lambda: self.urls[0] if self.urls else None, timeout, "URL")
+        self.prefix = self.url.removeprefix("ftp://").split("_", 1)[0]
+        return self.url
+
+    def logged(self, text: str, timeout: float = 10) -> str:
+        """The first stderr line containing ``text`` (waits for it, bounded)."""
+        return self._wait(lambda: next((line for line in self.logs if text in line), None),
+                          timeout, f"log line with {text!r}")
+
+    def exited(self, timeout: float = 20) -> int:
+        """Its exit status, once it has ended by itself (bounded)."""
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return code
+
+    def close(self, timeout: float = 20) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.exited(timeout)
