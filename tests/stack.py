@@ -128,11 +128,11 @@ class ProxyThread(LoopThread):
 class FtpServerThread:
     """pyftpdlib on ``root``: user/secret with full rights, plus anonymous read-write."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int = 0) -> None:
         authorizer = DummyAuthorizer()
         authorizer.add_user(FTP_USER, FTP_PASSWORD, str(root), perm="elradfmwMT")
         handler = type("TestHandler", (FTPHandler,), {"authorizer": authorizer, "timeout": 60})
-        self.server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+        self.server = ThreadedFTPServer(("127.0.0.1", port), handler)
         self.port = self.server.address[1]
         self.root = root
         self.thread = threading.Thread(
@@ -182,17 +182,19 @@ class AgentProcess:
 
     Its stderr is kept in ``logs``; ``logged(text)`` waits for a line."""
 
-    def __init__(self, proxy: ProxyThread, ftp_host: str, ftp_port: int, state_dir: Path,
-                 backend: str | None = None, *, user: str = FTP_USER, extra: tuple[str, ...] = (),
-                 wait: bool = True) -> None:
+    def __init__(self, proxy: ProxyThread, ftp_host: str, ftp_port: int, state_dir: Path | None,
+                 backend: str | None = None, *, user: str = FTP_USER, wait: bool = True,
+                 env: dict[str, str] | None = None) -> None:
         host = proxy.node.settings.listen
         code = "import sys; from swiftftp.cli import agent_main; sys.exit(agent_main())"
         argv = [sys.executable, "-c", code, "--proxy", f"{bracketed(host)}:{proxy.device_port}",
-                "--ftp", f"{bracketed(ftp_host)}:{ftp_port}", "--state-dir", str(state_dir),
-                "--client-port", str(proxy.ftp_port), "--user", user, *extra]
+                "--ftp", f"{bracketed(ftp_host)}:{ftp_port}",
+                "--client-port", str(proxy.ftp_port), "--user", user]
+        if state_dir is not None:  # else its default, under $XDG_STATE_HOME or ~/.local/state
+            argv += ["--state-dir", str(state_dir)]
         if backend:
             argv += ["--relay", backend]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SWIFTFTP_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWIFTFTP_")} | (env or {})
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.logs: list[str] = []

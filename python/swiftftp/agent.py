@@ -688,6 +688,12 @@ class ControlBridge:
                                                    "agent-pasv-accept")
             elif self.active is not None:
                 entry.link, self.active = self.active, None  # one transfer per PORT
+                reason = entry.link.outcome.result() if entry.link.outcome.done() else None
+                if reason is not None:
+                    # a server that connects at PORT (pyftpdlib) would wait for another data
+                    # connection after its 150 and never answer: the client is told now
+                    await self._answer(verb, f"425 Cannot open the data connection: {reason}.\r\n".encode())
+                    return b""
         self.pending.append(entry)
         return line
 
