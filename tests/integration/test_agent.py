@@ -7,14 +7,18 @@ from __future__ import annotations
 import contextlib
 import ftplib
 import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
+from swiftftp.cli import agent_parser
 from tests.ftpservers import FtpServer, free_port_block, start_server
 from tests.helpers import fd_targets, wait_for_fds, wait_until
 from tests.stack import (
@@ -348,3 +352,40 @@ def test_malformed_port_and_eprt_are_501_in_their_place(published: Published) ->
         assert [control.reply()[:3] for _ in range(6)] == ["200", "501", "200", "501", "501", "200"]
     finally:
         control.close()
+
+
+# ---- the systemd unit ----------------------------------------------------------------------
+
+
+UNIT = Path(__file__).parents[2] / "contrib" / "swiftftp-agent.service"
+
+
+def test_agent_unit(tmp_path: Path) -> None:
+    """contrib/swiftftp-agent.service: ``systemd-analyze verify`` finds nothing (with
+    ExecStart pointing at this checkout's agent), the hardening score is at most 3.0
+    and the one its comment gives, and its command line is the agent's own."""
+    analyze = shutil.which("systemd-analyze")
+    if not analyze:
+        pytest.skip("no systemd-analyze here")
+    text = UNIT.read_text()
+    [exec_start] = re.findall(r"^ExecStart=(.*)$", text, re.M)
+    [environment] = re.findall(r"^Environment=(.*)$", text, re.M)
+    defaults = dict(pair.split("=", 1) for pair in environment.split())
+    argv = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], exec_start).split()
+    assert argv[0] == "/opt/swiftftp/bin/swiftftp-agent"
+    args = agent_parser().parse_args(argv[1:])
+    assert (args.proxy, args.ftp, args.user, args.state_dir) == (
+        "proxy.example.org:2222", "127.0.0.1:21", "anonymous", "/var/lib/swiftftp-agent")
+    agent = Path(sys.executable).with_name("swiftftp-agent")
+    local = tmp_path / UNIT.name
+    local.write_text(text.replace("/opt/swiftftp/bin/swiftftp-agent", str(agent)))
+    done = subprocess.run([analyze, "verify", str(local)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    done = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
+                          capture_output=True, text=True, timeout=60)
+    if "--offline" in done.stderr:
+        pytest.skip(f"this systemd-analyze has no --offline: {done.stderr.strip()}")
+    m = re.search(r"Overall exposure level for swiftftp-agent\.service: (\d+\.\d)", done.stdout)
+    assert m, done.stdout[-500:] + done.stderr
+    assert float(m[1]) <= 3.0
+    assert f"scores {m[1]} OK" in text
