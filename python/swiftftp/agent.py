@@ -435,12 +435,14 @@ class Agent:
         local = asyncio.ensure_future(dial(s.ftp_host, s.ftp_port, s.connect_timeout))
         try:
             chan = await self._connect(port)
-        except _NET_ERRORS as exc:
-            log.warning("%s: rendezvous failed: %s", label, describe(exc, s.connect_timeout))
+        except BaseException as exc:
             local.cancel()
             outcome = (await asyncio.gather(local, return_exceptions=True))[0]
             if isinstance(outcome, socket.socket):
                 outcome.close()
+            if not isinstance(exc, _NET_ERRORS):
+                raise
+            log.warning("%s: rendezvous failed: %s", label, describe(exc, s.connect_timeout))
             return
         proxy_sock, early = chan.detach()
         try:
@@ -450,6 +452,9 @@ class Agent:
                         describe(exc, s.connect_timeout))
             await self._turn_away(proxy_sock, "421 The FTP server behind this device is not running.")
             return
+        except BaseException:
+            proxy_sock.close()
+            raise
         bridge = ControlBridge(self, proxy_sock, server, label)
         try:
             await bridge.run(early)
@@ -761,6 +766,9 @@ class ControlBridge:
                 server_data.close()
                 link.fail(reason)
                 return
+            except BaseException:  # cancelled: the client left
+                server_data.close()
+                raise
             link.succeed()
             await self._splice(chan, server_data)
         finally:
@@ -855,13 +863,15 @@ class ControlBridge:
             assert reply is not None
             proxy_port = int(reply["port"])
             data = await local
-        except (*_NET_ERRORS, KeyError, ValueError) as exc:
+        except BaseException as exc:
             if chan is not None:
                 chan.close()
             local.cancel()
             outcome = (await asyncio.gather(local, return_exceptions=True))[0]
             if isinstance(outcome, socket.socket):
                 outcome.close()
+            if not isinstance(exc, (*_NET_ERRORS, KeyError, ValueError)):
+                raise  # cancelled: the client left
             if isinstance(exc, AgentError):  # e.g. error 15: tell the client why
                 log.warning("%s: passive listen refused: %s", self.label, exc)
                 return f"425 Cannot open a data connection: {exc}.\r\n".encode()
@@ -882,11 +892,13 @@ class ControlBridge:
             try:
                 await chan.send({"action": "data_pasv_accept"})
                 await self.agent._reply(chan, DATA_SETUP_TIMEOUT)
-            except _NET_ERRORS as exc:
-                reason = describe(exc, DATA_SETUP_TIMEOUT)
-                log.warning("%s: passive data connection failed: %s", self.label, reason)
+            except BaseException as exc:
                 chan.close()
                 data.close()
+                if not isinstance(exc, _NET_ERRORS):
+                    raise  # cancelled: the client left
+                reason = describe(exc, DATA_SETUP_TIMEOUT)
+                log.warning("%s: passive data connection failed: %s", self.label, reason)
                 link.fail(reason)
                 return
             link.succeed()

@@ -232,7 +232,8 @@ def failed_transfer(device: Device, client: str, reason: str, since: float, *, w
     not reach the client, or no client came): a WARNING with the reason, and an
     ``outcome=failed`` line in the transfer log."""
     if warn:
-        log.warning("data connection of %s to %s failed: %s", device.prefix, client, reason)
+        to = f" to {client}" if client != "-" else ""
+        log.warning("data connection of %s%s failed: %s", device.prefix, to, reason)
     duration = time.monotonic() - since
     logs.log_transfer(
         session=logs.session_id.get(), prefix=device.prefix, client=client, direction="none",

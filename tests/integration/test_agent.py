@@ -343,6 +343,33 @@ def test_passive_connection_no_client_takes_is_a_425(published: Published) -> No
     assert 'outcome=failed reason="no client connected within 1 s"' in failed
 
 
+def test_client_leaving_mid_setup_leaves_nothing_open(published: Published) -> None:
+    """A client that goes away while its data connection is being set up (passive: the
+    node still waits for it; active: the node has connected to it, nothing read yet):
+    the node's tasks and this process's descriptors (the agent's too) are back where
+    they were."""
+    baseline = published.proxy.quiet_tasks(), fd_targets()
+    control = published.control()
+    control.send("EPSV")
+    assert control.reply().startswith("229")
+    control.send("RETR small.bin")
+    control.close()
+    assert published.proxy.quiet_tasks() == baseline[0]
+    wait_for_fds(baseline[1])
+
+    family = socket.AF_INET6 if ":" in published.host else socket.AF_INET
+    with socket.socket(family) as listener:
+        listener.bind((published.host, 0))
+        listener.listen(1)
+        control = published.control()
+        number = 2 if family == socket.AF_INET6 else 1
+        control.send(f"EPRT |{number}|{published.host}|{listener.getsockname()[1]}|")
+        assert control.reply().startswith("200")
+        control.close()
+    assert published.proxy.quiet_tasks() == baseline[0]
+    wait_for_fds(baseline[1])
+
+
 def test_malformed_port_and_eprt_are_501_in_their_place(published: Published) -> None:
     """PORT/EPRT arguments that do not parse exactly never reach the server: the agent
     answers 501, in order with the server's replies to pipelined commands."""
