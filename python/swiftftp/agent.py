@@ -604,7 +604,7 @@ class ControlBridge:
 
     def close(self) -> None:
         self._drop_passive()
-        for link in self._links:
+        for link in list(self._links):
             if link.task is not None and not link.outcome.done():
                 link.task.cancel()
         self.proxy.close()
@@ -729,7 +729,13 @@ class ControlBridge:
             return b""
         self._drop_passive()
         self._forget_active()
-        listener = listen_on(self.local_ip, 0, backlog=1)
+        try:
+            listener = listen_on(self.local_ip, 0, backlog=1)
+        except OSError as exc:
+            log.warning("%s: cannot listen for the FTP server's data connection: %s",
+                        self.label, describe(exc))
+            await self._answer(verb, b"425 Cannot open a data connection.\r\n")
+            return b""
         lport = listener.getsockname()[1]
         link = self.active = self._link("active")
         link.task = self.agent.spawn(self._port_connect(link, listener, address, port),
