@@ -116,6 +116,24 @@ def load_device_id(state_dir: Path) -> str:
         return device_id
 
 
+def legacy_state_dir() -> Path:
+    """Where earlier agents kept their device id by default: the node's state
+    directory (``$XDG_STATE_HOME/swiftftp``)."""
+    return default_state_dir().with_name("swiftftp")
+
+
+def adopt_device_id(state_dir: Path, old_dir: Path) -> bool:
+    """Move ``old_dir``'s device id into ``state_dir`` if it has none yet, so an agent
+    upgraded to its own state directory keeps its prefix. True if it moved."""
+    new, old = state_dir / ID_FILE, old_dir / ID_FILE
+    if new.exists() or not old.is_file():
+        return False
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(old, new)  # moved, not copied: two copies of an id are two agents evicting each other
+    log.info("device id moved from %s to %s (the agent's own state directory)", old, new)
+    return True
+
+
 class StateLock:
     """An exclusive ``flock`` on ``<state_dir>/agent.lock`` for as long as the agent runs:
     two agents on one state directory would log in with the same device id and
@@ -190,6 +208,9 @@ class AgentSettings:
     probe_max: float = 30.0
     #: Least pause before logging in again after the proxy replaced the session.
     replaced_delay: float = REPLACED_DELAY
+    #: An older default state directory whose device id is taken over (moved) when
+    #: ``state_dir`` has none: set when ``state_dir`` is the default.
+    legacy_state_dir: Path | None = None
 
 
 class Agent:
@@ -229,6 +250,9 @@ class Agent:
         Raises :class:`StateDirLocked` at once if another agent holds the directory."""
         self._lock.acquire()
         try:
+            if self.settings.legacy_state_dir is not None:
+                with contextlib.suppress(OSError):  # unreadable: a new id, as before
+                    adopt_device_id(self.settings.state_dir, self.settings.legacy_state_dir)
             self.device_id = load_device_id(self.settings.state_dir)
             await self._serve()
         finally:

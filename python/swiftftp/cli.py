@@ -607,7 +607,7 @@ def _demo_main(args: argparse.Namespace) -> int:
 
 
 def agent_main(argv: list[str] | None = None) -> int:
-    from .agent import Agent, AgentSettings, StateDirLocked, default_state_dir
+    from .agent import Agent, AgentSettings, StateDirLocked, default_state_dir, legacy_state_dir
 
     args = agent_parser().parse_args(argv)
     try:
@@ -621,6 +621,8 @@ def agent_main(argv: list[str] | None = None) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
         client_port=args.client_port, user=args.user, relay_backend=args.relay,
         servers_url=args.servers,
+        # the id an older agent kept in the node's directory by default: same prefix after an upgrade
+        legacy_state_dir=None if args.state_dir else legacy_state_dir(),
     )
 
     async def main() -> int:

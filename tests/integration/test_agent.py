@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from swiftftp.agent import Agent, AgentSettings
 from swiftftp.cli import agent_parser
 from tests.ftpservers import FtpServer, free_port_block, start_server
 from tests.helpers import fd_targets, wait_for_fds, wait_until
@@ -27,6 +28,7 @@ from tests.stack import (
     AgentProcess,
     AgentThread,
     FtpServerThread,
+    LoopThread,
     ProxyThread,
     node_settings,
 )
@@ -118,6 +120,29 @@ def test_default_state_dir_is_the_agents_own(tmp_path: Path) -> None:
         ftpd.close()
 
 
+def test_upgraded_agent_keeps_its_prefix(tmp_path: Path) -> None:
+    """An agent that kept its id in the node's default directory (earlier versions) finds
+    it there: the id moves to its own directory, and the prefix stays the same."""
+    ftpd = FtpServerThread(tmp_path)
+    proxy = ProxyThread(node_settings(tmp_path / "proxy"))
+    state = tmp_path / "xdg"
+    (state / "swiftftp").mkdir(parents=True)
+    (state / "swiftftp" / "agent-device-id").write_text("agent-from-before\n")
+    prefix = proxy.run(lambda node: node.registry.prefix_for("agent-from-before"))
+    agent = AgentProcess(proxy, "127.0.0.1", ftpd.port, None, env={"XDG_STATE_HOME": str(state)})
+    try:
+        assert agent.prefix == prefix
+        assert (state / "swiftftp-agent" / "agent-device-id").read_text() == "agent-from-before\n"
+        assert not (state / "swiftftp" / "agent-device-id").exists()
+        assert agent.logged("device id moved from").endswith(
+            f"device id moved from {state / 'swiftftp' / 'agent-device-id'} to "
+            f"{state / 'swiftftp-agent' / 'agent-device-id'} (the agent's own state directory)")
+    finally:
+        assert agent.close() == 0
+        proxy.close()
+        ftpd.close()
+
+
 def test_agent_waits_for_its_ftp_server_and_turns_clients_away_when_it_is_gone(
     tmp_path: Path, backend_name: str
 ) -> None:
@@ -185,6 +210,39 @@ def test_agent_says_when_the_node_replaced_its_session(tmp_path: Path) -> None:
         proxy.close()
         ftpd.close()
     assert not [line for line in first.logs if "closed the connection" in line]
+
+
+def test_two_agents_sharing_an_id_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two agents with one device id keep replacing each other; each waits
+    ``replaced_delay`` before logging in again, and the second time within ten minutes
+    it says plainly that two agents share the id."""
+    (tmp_path / "root").mkdir()
+    ftpd = FtpServerThread(tmp_path / "root")
+    proxy = ProxyThread(node_settings(tmp_path / "proxy"))
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "agent-device-id").write_text("agent-shared\n")
+    loop = LoopThread("agents")
+    agents = [Agent(AgentSettings(proxy_host="127.0.0.1", proxy_port=proxy.device_port,
+                                  ftp_host="127.0.0.1", ftp_port=ftpd.port, state_dir=tmp_path / name,
+                                  replaced_delay=0.2), on_ready=lambda url: None)
+              for name in ("one", "two")]
+    tasks = [loop.submit(agent.run()) for agent in agents]
+    try:
+        wait_until(lambda: any("times in 10 min" in r.getMessage() for r in caplog.records), 20,
+                   "the hint that two agents share the id")
+    finally:
+        for task in tasks:
+            task.cancel()
+        loop.stop()
+        proxy.close()
+        ftpd.close()
+    [hint, *_] = [r for r in caplog.records if "times in 10 min" in r.getMessage()]
+    assert hint.levelname == "ERROR"
+    assert re.fullmatch(
+        r"the proxy replaced this agent's session 2 times in 10 min: another agent is logging in "
+        r"with the same device id agent-shared \(a copy of .*/(one|two)/agent-device-id\?\); "
+        r"give each agent its own state directory", hint.getMessage()), hint.getMessage()
 
 
 # ---- data connections that fail: the client is told, the node logs it -------------------
