@@ -6,6 +6,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -19,6 +23,7 @@ from pyftpdlib.servers import ThreadedFTPServer
 
 from swiftftp.agent import Agent, AgentSettings
 from swiftftp.config import Settings
+from swiftftp.net import bracketed
 from swiftftp.node import ProxyNode
 
 T = TypeVar("T")
@@ -123,11 +128,11 @@ class ProxyThread(LoopThread):
 class FtpServerThread:
     """pyftpdlib on ``root``: user/secret with full rights, plus anonymous read-write."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int = 0) -> None:
         authorizer = DummyAuthorizer()
         authorizer.add_user(FTP_USER, FTP_PASSWORD, str(root), perm="elradfmwMT")
         handler = type("TestHandler", (FTPHandler,), {"authorizer": authorizer, "timeout": 60})
-        self.server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+        self.server = ThreadedFTPServer(("127.0.0.1", port), handler)
         self.port = self.server.address[1]
         self.root = root
         self.thread = threading.Thread(
@@ -143,23 +148,111 @@ class FtpServerThread:
 class AgentThread(LoopThread):
     """The agent on its own loop, publishing ``ftp_port`` through the proxy."""
 
-    def __init__(self, proxy: ProxyThread, ftp_port: int, state_dir: Path, backend: str) -> None:
+    def __init__(self, proxy: ProxyThread, ftp_port: int, state_dir: Path, backend: str, *,
+                 ftp_host: str = "127.0.0.1", user: str = FTP_USER) -> None:
         super().__init__("agent")
         ready: concurrent.futures.Future[str] = concurrent.futures.Future()
         self.agent = Agent(
             AgentSettings(
-                proxy_host="127.0.0.1", proxy_port=proxy.device_port,
-                ftp_host="127.0.0.1", ftp_port=ftp_port,
-                state_dir=state_dir, client_port=proxy.ftp_port, user=FTP_USER,
+                proxy_host=proxy.node.settings.listen, proxy_port=proxy.device_port,
+                ftp_host=ftp_host, ftp_port=ftp_port,
+                state_dir=state_dir, client_port=proxy.ftp_port, user=user,
                 relay_backend=backend,
             ),
             on_ready=lambda url: ready.done() or ready.set_result(url),
         )
         self.task = asyncio.run_coroutine_threadsafe(self.agent.run(), self.loop)
-        self.url = ready.result(15)
+        try:
+            self.url = ready.result(15)
+        except concurrent.futures.TimeoutError:
+            failure = self.task.exception(0) if self.task.done() else None
+            self.close()
+            raise AssertionError(f"the agent did not come online within 15 s: {failure!r}") from None
         self.prefix = self.agent.prefix
         assert self.prefix
 
     def close(self) -> None:
         self.task.cancel()
         self.stop()
+
+
+class AgentProcess:
+    """``swiftftp-agent`` as its own process (as people run it), publishing
+    ``ftp_host:ftp_port`` through ``proxy``; ready once it printed its URL.
+
+    Its stderr is kept in ``logs``; ``logged(text)`` waits for a line."""
+
+    def __init__(self, proxy: ProxyThread, ftp_host: str, ftp_port: int, state_dir: Path | None,
+                 backend: str | None = None, *, user: str = FTP_USER, wait: bool = True,
+                 env: dict[str, str] | None = None) -> None:
+        host = proxy.node.settings.listen
+        code = "import sys; from swiftftp.cli import agent_main; sys.exit(agent_main())"
+        argv = [sys.executable, "-c", code, "--proxy", f"{bracketed(host)}:{proxy.device_port}",
+                "--ftp", f"{bracketed(ftp_host)}:{ftp_port}",
+                "--client-port", str(proxy.ftp_port), "--user", user]
+        if state_dir is not None:  # else its default, under $XDG_STATE_HOME or ~/.local/state
+            argv += ["--state-dir", str(state_dir)]
+        if backend:
+            argv += ["--relay", backend]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SWIFTFTP_")} | (env or {})
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.logs: list[str] = []
+        self.urls: list[str] = []
+        self._changed = threading.Condition()
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.urls), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.logs), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+        self.url = ""
+        self.prefix = ""
+        if wait:
+            self.wait_ready()
+
+    def _read(self, stream: Any, into: list[str]) -> None:
+        for line in stream:
+            with self._changed:
+                into.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def _wait(self, found: Callable[[], T | None], timeout: float, what: str) -> T:
+        with self._changed:
+            if not self._changed.wait_for(lambda: found() is not None or self.proc.poll() is not None,
+                                          timeout):
+                raise AssertionError(f"agent: no {what} within {timeout:g} s: {self.logs[-5:]}")
+            value = found()
+        if value is None:
+            raise AssertionError(f"agent exited {self.proc.wait(5)} before {what}: {self.logs[-5:]}")
+        return value
+
+    def wait_ready(self, timeout: float = 20) -> str:
+        """The URL it printed (waits for it, bounded); sets ``url`` and ``prefix``."""
+        self.url = self._wait(lambda: self.urls[0] if self.urls else None, timeout, "URL")
+        self.prefix = self.url.removeprefix("ftp://").split("_", 1)[0]
+        return self.url
+
+    def logged(self, text: str, timeout: float = 10) -> str:
+        """The first stderr line containing ``text`` (waits for it, bounded)."""
+        return self._wait(lambda: next((line for line in self.logs if text in line), None),
+                          timeout, f"log line with {text!r}")
+
+    def exited(self, timeout: float = 20) -> int:
+        """Its exit status, once it has ended by itself (bounded)."""
+        code = self.proc.wait(timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return code
+
+    def close(self, timeout: float = 20) -> int:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.exited(timeout)

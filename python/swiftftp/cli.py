@@ -534,8 +534,8 @@ def agent_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ftp", required=True, metavar="HOST:PORT",
                         help="the FTP server to publish, e.g. 127.0.0.1:21")
     parser.add_argument("--state-dir", metavar="DIR",
-                        help="where the device id is kept, so the prefix never changes "
-                             "(default ~/.local/state/swiftftp)")
+                        help="where the device id is kept, so the prefix never changes; one "
+                             "agent per directory (default ~/.local/state/swiftftp-agent)")
     parser.add_argument("--client-port", type=int, default=2121, metavar="N",
                         help="the proxy's FTP port, for the printed URL (default 2121)")
     parser.add_argument("--user", default="anonymous", help="FTP user for the printed URL")
@@ -616,8 +616,7 @@ def _demo_main(args: argparse.Namespace) -> int:
 
 
 def agent_main(argv: list[str] | None = None) -> int:
-    from .agent import Agent, AgentSettings
-    from .config import default_state_dir
+    from .agent import Agent, AgentSettings, StateDirLocked, default_state_dir, legacy_state_dir
 
     args = agent_parser().parse_args(argv)
     try:
@@ -631,6 +630,8 @@ def agent_main(argv: list[str] | None = None) -> int:
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
         client_port=args.client_port, user=args.user, relay_backend=args.relay,
         servers_url=args.servers,
+        # the id an older agent kept in the node's directory by default: same prefix after an upgrade
+        legacy_state_dir=None if args.state_dir else legacy_state_dir(),
     )
 
     async def main() -> int:
@@ -644,4 +645,9 @@ def agent_main(argv: list[str] | None = None) -> int:
                 await task
         return 0
 
-    return aio.run(main())
+    try:
+        return aio.run(main())
+    except StateDirLocked as exc:
+        return _fail(str(exc), 1, "swiftftp-agent")
+    except KeyboardInterrupt:
+        return _fail("interrupted", 1, "swiftftp-agent")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .channel import unacknowledged
 from .errors import ErrorCode, ProtocolError
-from .net import close_gracefully
+from .net import bracketed, close_gracefully
 from .outbox import Outbox
 from .protocol import JsonStreamDecoder, action_of, encode, error
 from .rendezvous import MAX_FAILURES, Rendezvous
@@ -72,7 +72,7 @@ class CommandSession:
         self._timer: asyncio.TimerHandle | None = None
         self._wbuf = b""
         self._closed = False
-        self._closing = False
+        self._closing = ""  # the reason of a graceful close waiting for the outbox
         self.info: Session | None = None
 
     # ---- what the node asks of it ------------------------------------------------------
@@ -82,8 +82,13 @@ class CommandSession:
         node, device = self.node, self.device
         old = node.table.set_command(device, self)
         if old is not None:
-            log.info("command session of %s replaced by a new login", device.prefix)
-            old.close("replaced by a new login")
+            log.info("command session of %s replaced by a new login from %s",
+                     device.prefix, bracketed(self.ip))
+            # told first (an agent says so; two of them sharing an id would evict each other)
+            old.notify({"action": "message", "reason": "replaced",
+                        "text": f"this device id logged in again from {bracketed(self.ip)}; "
+                                "this session is replaced"})
+            old.close("replaced by a new login", graceful=True)
         self.info = node.open_session("command", device, self.peer)
         self.info.counters = lambda: (self.bytes_in, self.bytes_out)
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
@@ -129,7 +134,7 @@ class CommandSession:
         if self._closed:
             return
         if graceful and (len(self.outbox) or self._wbuf):
-            self._closing = True  # _pump closes once written (bounded by timeouts.send)
+            self._closing = reason  # _pump closes once written (bounded by timeouts.send)
             self._pump()
             return
         self._closed = True
@@ -265,8 +270,8 @@ class CommandSession:
         if self._closed:
             return
         if self._closing and not len(self.outbox) and not self._wbuf:
-            self._closing = False
-            self.close("the device logged out", graceful=True)
+            reason, self._closing = self._closing, ""
+            self.close(reason, graceful=True)
             return
         if wake is not None:
             self._timer = self._loop.call_at(wake, self._pump)

@@ -13,9 +13,10 @@ import contextlib
 import logging
 import re
 import socket
+import time
 from dataclasses import dataclass
 
-from . import aio
+from . import aio, logs
 from .channel import DeviceChannel
 from .command import CommandSession
 from .errors import Busy, ErrorCode, PeerClosed, ProtocolError
@@ -188,10 +189,13 @@ async def _passive(
             request = await chan.recv()
         if action_of(request) != "data_pasv_accept":
             raise ProtocolError(ErrorCode.MALFORMED, "expected data_pasv_accept")
+        asked = time.monotonic()
         try:
             async with asyncio.timeout(s.pasv_accept_timeout):
                 client, _ = await accept
         except TimeoutError:
+            reason = f"no client connected within {s.pasv_accept_timeout:g} s"
+            failed_transfer(device, "-", reason, asked)
             raise ProtocolError(ErrorCode.PASV_TIMEOUT, "no client connected") from None
         await relay_data(node, device, chan, client, peer)
         client = None
@@ -209,25 +213,43 @@ async def active_data(
     node: Node, device: Device, chan: DeviceChannel, peer: str, request: dict
 ) -> None:
     """``data_port_connect``: dial the client, only where RFC 2577 allows."""
+    asked = time.monotonic()
     address = field(request, "address", str)
     port = field(request, "port", int)
     try:
         target = normalize_ip(address)
     except ValueError:
+        failed_transfer(device, "-", f"not an IP address: {address!r}", asked)
         raise ProtocolError(ErrorCode.CONNECT_FAILED, f"not an IP address: {address!r}") from None
+    where = f"{bracketed(target)}:{port}"
     if not device.allows(target) or not 1024 <= port <= 65535:
-        node.refuse("bounce attempt", f"{device.prefix} asked for {address}:{port}", device.prefix)
+        node.refuse("bounce attempt", f"{device.prefix} asked for {where}", device.prefix)
+        failed_transfer(device, where, "refused: not the client's address or port", asked, warn=False)
         raise ProtocolError(ErrorCode.CONNECT_FAILED, "refused: not the client's address or port")
     try:
         client = await dial(target, port, node.settings.connect_timeout)
     except (OSError, TimeoutError) as exc:
         reason = str(exc) or type(exc).__name__
-        log.warning("data_port_connect of %s to %s:%d failed: %s", device.prefix, target, port, reason)
+        failed_transfer(device, where, f"connect failed: {reason}", asked)
         raise ProtocolError(ErrorCode.CONNECT_FAILED, f"connect failed: {reason}") from None
     try:
         await relay_data(node, device, chan, client, peer)
     finally:
         client.close()
+
+
+def failed_transfer(device: Device, client: str, reason: str, since: float, *, warn: bool = True) -> None:
+    """A data connection the device asked for that never carried a byte (the node could
+    not reach the client, or no client came): a WARNING with the reason, and an
+    ``outcome=failed`` line in the transfer log."""
+    if warn:
+        to = f" to {client}" if client != "-" else ""
+        log.warning("data connection of %s%s failed: %s", device.prefix, to, reason)
+    duration = time.monotonic() - since
+    logs.log_transfer(
+        session=logs.session_id.get(), prefix=device.prefix, client=client, direction="none",
+        bytes=0, up=0, down=0, duration=f"{duration:.3f}", rate=0, outcome="failed", reason=reason,
+    )
 
 
 async def relay_data(

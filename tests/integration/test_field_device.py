@@ -8,6 +8,7 @@ import concurrent.futures
 import ftplib
 import hashlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -226,9 +227,14 @@ def test_second_login_replaces_the_stale_session(proxy: ProxyThread) -> None:
     first = FieldDevice(proxy.device_port, android_id="phone-42", files={"a": b"old"}).start()
     second = FieldDevice(proxy.device_port, android_id="phone-42", files={"a": b"new"}).start()
     assert first.prefix == second.prefix  # same device id, same prefix
-    # the stale session is closed by the proxy
+    # the stale session is told why (the device's reader or this one reads it), then closed
     first.command.settimeout(5)
-    assert recv_all(first.command) == b""
+    rest = recv_all(first.command)
+    if not rest:
+        wait_until(lambda: first.notices, 5, "the device's reader to keep the notice")
+    notices = first.notices + ([json.loads(rest)] if rest else [])
+    assert notices == [{"action": "message", "reason": "replaced",
+                        "text": "this device id logged in again from 127.0.0.1; this session is replaced"}]
     ftp = login(proxy, second)
     buf = io.BytesIO()
     ftp.retrbinary("RETR a", buf.write)
