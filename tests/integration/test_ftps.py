@@ -163,10 +163,20 @@ def run_lftp(stack: Stack, pki: Path, passive: bool, out: Path, upload: Path, up
 CLIENTS = {"ftplib": run_ftplib, "curl": run_curl, "lftp": run_lftp}
 
 
+def curl_version() -> tuple[int, ...]:
+    out = subprocess.run(["curl", "--version"], capture_output=True, text=True, timeout=10).stdout
+    return tuple(int(x) for x in out.split()[1].split(".")[:2])
+
+
 @pytest.mark.parametrize("mode", ["passive", "active"])
 @pytest.mark.parametrize("client", list(CLIENTS))
 def test_ftps_transfers(tls_stack: Stack, files: Files, pki: Path, client: str, mode: str,
                         tmp_path: Path) -> None:
+    if client == "curl" and mode == "active" and curl_version() < (8, 0):
+        # curl 7.88 (Debian 12) accepts the data connection, then fails before its TLS
+        # handshake ("sa_addr inet_ntop() failed", curl issue #10622, fixed in 8.0): the
+        # same against ProFTPD mod_tls. Active FTPS is covered by ftplib and lftp.
+        pytest.skip("curl < 8.0 cannot do active-mode FTPS (curl issue #10622)")
     stack = tls_stack
     baseline = stack.baseline()
     upname = f"up-{client}-{mode}.bin"
