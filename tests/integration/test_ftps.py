@@ -383,3 +383,39 @@ def test_settings_describe_round_trip() -> None:
 
     text = "\n".join(config.describe(replace(config.Settings(), tls_require=True)))
     assert "tls.require = true" in text and 'tls.certificate = ""' in text
+
+
+# ---- the field device (the deployed phone's behaviour) -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["passive", "active"])
+def test_field_device_sees_plain_ftp(tmp_path: Path, pki: Path, mode: str) -> None:
+    import os
+
+    from tests.fielddevice import FieldDevice
+
+    proxy = ProxyThread(node_settings(tmp_path / "state", relay_backend="rust",
+                                      tls_certificate=pki / "server.pem", tls_key=pki / "server.key"))
+    try:
+        device = FieldDevice(proxy.device_port, files={"photo.jpg": os.urandom(3 << 20)}).start()
+        try:
+            wait_until(lambda: proxy.run(lambda n: n.online(device.prefix) is not None), 5, "device online")
+            ftp = ResumingFTP(context=context(pki), timeout=20)
+            ftp.connect("127.0.0.1", proxy.ftp_port)
+            ftp.auth()
+            ftp.prot_p()  # before USER: the node keeps it for the whole session
+            ftp.login(f"{device.prefix}_alice", "pw")
+            ftp.set_pasv(mode == "passive")
+            got = io.BytesIO()
+            ftp.retrbinary("RETR photo.jpg", got.write)
+            assert got.getvalue() == device.files["photo.jpg"]
+            upload = os.urandom(5 << 20)
+            ftp.storbinary("STOR new.bin", io.BytesIO(upload))
+            assert device.files["new.bin"] == upload
+            ftp.quit()
+            assert not {"AUTH", "PBSZ", "PROT"} & set(device.commands), device.commands
+        finally:
+            device.stop()
+        assert not device.errors, device.errors
+    finally:
+        proxy.close()
