@@ -147,6 +147,8 @@ def _listen_failure(settings: Settings, exc: OSError) -> str:
     start; the bare error when every port binds again."""
     wanted = [("node.device_port", settings.listen, settings.device_port),
               ("node.ftp_port", settings.listen, settings.ftp_port)]
+    if settings.tls_certificate and settings.tls_implicit_port:
+        wanted.append(("tls.implicit_port", settings.listen, settings.tls_implicit_port))
     if settings.stats_listen:
         wanted.append(("node.stats_listen", settings.stats_listen[0] or "0.0.0.0", settings.stats_listen[1]))
     for setting, host, port in wanted:

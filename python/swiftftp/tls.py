@@ -80,10 +80,9 @@ class NodeTls:
     def control(self, secured: bool = False) -> Ftps:
         """The FTPS state of a new control connection; ``secured`` for implicit FTPS.
 
-        Implicit FTPS protects data connections from the start: there is no RFC
-        for it, and what servers do (ProFTPD's UseImplicitSSL, IIS, FileZilla
-        Server) is PROT P by default; its clients (curl ``ftps://``, FileZilla)
-        send PBSZ 0/PROT P anyway.
+        Implicit FTPS protects data connections from the start: no RFC covers
+        it, and a client that chose it expects every connection encrypted; its
+        clients (curl ``ftps://``, FileZilla) send PBSZ 0/PROT P anyway.
         """
         s = self.settings
         return Ftps(
