@@ -99,8 +99,20 @@ class ResumingFTP(ftplib.FTP_TLS):
         return conn, size
 
 
-def login_tls(stack: Stack, pki: Path, cls: type[ftplib.FTP_TLS] = ResumingFTP) -> ftplib.FTP_TLS:
-    ftp = cls(context=context(pki), timeout=30)
+class ForeignSessionFTP(ftplib.FTP_TLS):
+    """Data connections resuming ``foreign``: another control connection's session."""
+
+    foreign: ssl.SSLSession | None = None
+
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[socket.socket, int | None]:
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.foreign)
+        return conn, size
+
+
+def login_tls(stack: Stack, pki: Path, cls: type[ftplib.FTP_TLS] = ResumingFTP,
+              ctx: ssl.SSLContext | None = None) -> ftplib.FTP_TLS:
+    ftp = cls(context=ctx or context(pki), timeout=30)
     ftp.connect("127.0.0.1", stack.port)
     ftp.auth()
     ftp.login(f"{stack.prefix}_{FTP_USER}", FTP_PASSWORD)
@@ -273,8 +285,9 @@ def test_data_protection_required(tls_stack: Stack, pki: Path) -> None:
 
 
 def test_data_connection_of_another_tls_session_refused(tls_stack: Stack, pki: Path) -> None:
-    """Stock ftplib starts a fresh TLS session on each data connection: refused while
-    session reuse is required, taken when it is not."""
+    """Stock ftplib starts a fresh TLS session on each data connection, and a client
+    may offer another control connection's session: both refused while session reuse
+    is required; a fresh session is taken when it is not."""
     stack = tls_stack
     baseline = stack.baseline()
     ftp = login_tls(stack, pki, ftplib.FTP_TLS)
@@ -282,9 +295,23 @@ def test_data_connection_of_another_tls_session_refused(tls_stack: Stack, pki: P
     with pytest.raises((ssl.SSLError, OSError, EOFError, ftplib.Error)):
         ftp.nlst()
     ftp.close()
-    refused = stack.proxy.run(lambda node: node.stats.refused.get(
-        "TLS data connection not resuming its control session", 0))
+    reason = "TLS data connection not resuming its control session"
+    refused = stack.proxy.run(lambda node: node.stats.refused.get(reason, 0))
     assert refused >= 1
+    # The session of another control connection of the same client: refused too.
+    shared = context(pki)
+    other = login_tls(stack, pki, ResumingFTP, shared)
+    other.prot_p()
+    assert "one-mib.bin" in other.nlst()  # its session now holds tickets
+    ftp = login_tls(stack, pki, ForeignSessionFTP, shared)
+    assert isinstance(ftp, ForeignSessionFTP)
+    ftp.foreign = other.sock.session
+    ftp.prot_p()
+    with pytest.raises((ssl.SSLError, OSError, EOFError, ftplib.Error)):
+        ftp.nlst()
+    ftp.close()
+    other.quit()
+    assert stack.proxy.run(lambda node: node.stats.refused.get(reason, 0)) > refused
     set_policy(stack, tls_require_session_reuse=False)
     try:
         ftp = login_tls(stack, pki, ftplib.FTP_TLS)
