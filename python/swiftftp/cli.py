@@ -176,6 +176,8 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     except (sqlite3.Error, OSError) as exc:
         return _fail(f"cannot open the registry {settings.registry_path} (node.state_dir): {exc}", 1)
+    except ConfigError as exc:  # the TLS pair changed since the check (config.check_environment)
+        return _fail(f"config error: {exc}")
     except (ImportError, ValueError) as exc:
         return _fail(f"relay backend {settings.relay_backend or 'rust'} unavailable (node.relay): {exc}", 1)
     try:

@@ -85,14 +85,13 @@ class ClientConnection:
             async with asyncio.timeout(1.0):
                 await self.tls
         except TimeoutError:
-            self.tls.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await self.tls
+            self.tls.cancel()  # closes the client's socket on the relay's worker
         except OSError as exc:
             log.info("client %s: TLS ended: %s", peer, exc)
         except asyncio.CancelledError:
-            if not self.tls.done():
-                raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task was cancelled (not only the relay: it was, with it)
 
     async def readline(self) -> bytes:
         while (end := self.buffer.find(b"\n")) < 0:
@@ -149,8 +148,8 @@ async def handle_client(node: Node, sock: socket.socket, address: tuple, implici
     admission.watch(lambda: _locked_out(node, client.sock, peer, ip))
     ftps = node.tls.control(secured=implicit) if node.tls is not None else None
     try:
-        if implicit and node.tls is not None and ftps is not None:
-            client.start_tls(node.backend, node.tls.config, ftps.tag)
+        if implicit and ftps is not None and node.tls is not None:
+            client.start_tls(node.backend, node.tls.config, ftps.tag)  # before the greeting
         await _serve_client(node, client, peer, ip, admission, ftps)
     finally:
         admission.release()

@@ -72,6 +72,9 @@ class ProxyNode:
         #: FTPS: the certificate, the policy; None without a certificate. ConfigError
         #: with one line for a pair that cannot be used.
         self.tls = NodeTls(settings) if settings.tls_certificate else None
+        if self.tls is not None and self.backend.name != "rust":
+            raise ConfigError("node.relay: the python relay cannot terminate TLS; use the rust relay "
+                              "or remove tls.certificate")
         self.implicit_port = 0
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -126,10 +129,12 @@ class ProxyNode:
         )
         log.info("%s", self.capacity.describe())
         if self.tls is not None:
+            from ._rustrelay import RustBackend  # built: the TLS pair loaded through it
+
             implicit = f", implicit FTPS on port {self.implicit_port}" if self.implicit_port else ""
             log.info("TLS: %s; explicit FTPS (AUTH TLS) on port %d%s%s; %s", describe(self.tls.config),
                      self.ftp_port, implicit, ", required" if s.tls_require else "",
-                     self.backend.tls_status())
+                     RustBackend.tls_status())
 
     async def _join_fleet(self) -> None:
         """Share the bucket's prefix map, and put this node on the server list."""
