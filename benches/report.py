@@ -7,7 +7,7 @@ process's CPU seconds per GiB), then for the one-session and the 8-session
 cases the ratios rust/direct, rust/haproxy and rust/python (and, for the
 8-session case, rust with one worker against haproxy's one thread). Then the
 latency table (benches/test_latency.py) with each target against ProFTPD's
-mod_proxy.
+mod_proxy, and the FTPS table (benches/test_ftps_throughput.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def report(data: dict[str, Any]) -> list[str]:
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
-        if "gbit_s" not in info:
-            continue
+        if "gbit_s" not in info or "ftps_target" in info:
+            continue  # the FTPS rows have a table of their own
         machine = info.get("machine", machine)
         group, _, kind = bench["name"].partition("[")
         kind = kind.rstrip("]")
@@ -58,6 +58,7 @@ def report(data: dict[str, Any]) -> list[str]:
                 f"CPU/GiB rust/haproxy {_ratio(one.get('cpu_s_per_gib'), haproxy.get('cpu_s_per_gib'))}"
             )
     lines += latency_report(data)
+    lines += ftps_report(data)
     if machine:
         lines.append(f"machine: {machine}")
     return lines
@@ -83,6 +84,25 @@ def latency_report(data: dict[str, Any]) -> list[str]:
                     f"logins/s {_ratio(info['logins_per_s'], peer['logins_per_s'])}, "
                     f"1-byte RETR {_ratio(info['retr_p50_ms'], peer['retr_p50_ms'])}"
                 )
+    return lines
+
+
+def ftps_report(data: dict[str, Any]) -> list[str]:
+    """The FTPS table (benches/test_ftps_throughput.py) and our FTPS against mod_proxy's."""
+    rows = {(b["extra_info"]["ftps_target"], b["extra_info"]["ftps_direction"]): b["extra_info"]
+            for b in data.get("benchmarks", []) if "ftps_target" in b.get("extra_info", {})}
+    if not rows:
+        return []
+    lines = [f"{'FTPS target':<16} {'direction':<9} {'Gbit/s':>7} {'proxy CPU s/GiB':>16}"]
+    for (kind, direction), info in sorted(rows.items(), key=lambda r: (r[0][1], r[0][0])):
+        lines.append(f"{kind:<16} {direction:<9} {info['gbit_s']:>7.2f} {info['cpu_s_per_gib']:>16.3f}")
+    for direction in ("retr", "stor"):
+        ours, peer = rows.get(("node-ftps", direction)), rows.get(("mod_proxy-ftps", direction))
+        if ours and peer:
+            lines.append(
+                f"{direction.upper()} node-ftps/mod_proxy-ftps: {_ratio(ours['gbit_s'], peer['gbit_s'])} "
+                f"throughput, {_ratio(ours['cpu_s_per_gib'], peer['cpu_s_per_gib'])} CPU/GiB"
+            )
     return lines
 
 

@@ -147,6 +147,8 @@ def _listen_failure(settings: Settings, exc: OSError) -> str:
     start; the bare error when every port binds again."""
     wanted = [("node.device_port", settings.listen, settings.device_port),
               ("node.ftp_port", settings.listen, settings.ftp_port)]
+    if settings.tls_certificate and settings.tls_implicit_port:
+        wanted.append(("tls.implicit_port", settings.listen, settings.tls_implicit_port))
     if settings.stats_listen:
         wanted.append(("node.stats_listen", settings.stats_listen[0] or "0.0.0.0", settings.stats_listen[1]))
     for setting, host, port in wanted:
@@ -174,6 +176,8 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     except (sqlite3.Error, OSError) as exc:
         return _fail(f"cannot open the registry {settings.registry_path} (node.state_dir): {exc}", 1)
+    except ConfigError as exc:  # the TLS pair changed since the check (config.check_environment)
+        return _fail(f"config error: {exc}")
     except (ImportError, ValueError) as exc:
         return _fail(f"relay backend {settings.relay_backend or 'rust'} unavailable (node.relay): {exc}", 1)
     try:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 
 from . import aio
@@ -30,15 +31,18 @@ from .ftp import (
     Close,
     ControlRewriter,
     Failure,
+    Ftps,
     LineSplitter,
     Lookup,
     PreLogin,
     Reply,
+    StartTls,
 )
 from .limits import Admission
-from .net import bracketed, normalize_ip
+from .net import bracketed, close_gracefully, normalize_ip
 from .outbox import rendezvous_grace
 from .protocol import error
+from .relay import Backend, Relay
 from .rendezvous import Rendezvous
 from .state import Device, Node
 
@@ -51,11 +55,43 @@ class ClientConnection:
     """An FTP client's control socket: line reads before login, bounded writes, and
     byte counts as the client sees them (quota accounting starts with the greeting)."""
 
-    def __init__(self, sock: socket.socket, send_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, send_timeout: float, peer_ip: str) -> None:
         self.sock = sock
+        self.peer_ip = peer_ip
         self.send_timeout = send_timeout
         self.buffer = b""  # received, not yet consumed as a line
         self.counts = [0, 0]  # received from the client (up), sent to it (down)
+        #: The node's address on this connection (for 227 replies): after TLS starts,
+        #: ``sock`` is the plaintext end of a socket pair, which has none.
+        self.local_ip = normalize_ip(sock.getsockname()[0])
+        #: The Rust relay terminating TLS on the client's socket (``start_tls``).
+        self.tls: Relay | None = None
+
+    def start_tls(self, backend: Backend, config: object, tag: bytes) -> None:
+        """TLS from the next byte on (after ``234``, or at once for implicit FTPS): the
+        Rust relay takes the client's socket, and lines come from its plaintext side.
+        Bytes already read behind ``AUTH TLS`` (a pipelined ClientHello) go with it."""
+        plain, self.tls = backend.wrap_tls(self.sock, config, tag=tag, initial=self.buffer)
+        self.buffer = b""
+        self.sock = plain
+
+    async def end_tls(self, peer: str) -> None:
+        """Close the plaintext side (close_notify to the client), and see the TLS relay
+        end within a second (else cancel it)."""
+        if self.tls is None:
+            return
+        await close_gracefully(self.sock)
+        try:
+            async with asyncio.timeout(1.0):
+                await self.tls
+        except TimeoutError:
+            self.tls.cancel()  # closes the client's socket on the relay's worker
+        except OSError as exc:
+            log.info("client %s: TLS ended: %s", peer, exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task was cancelled (not only the relay: it was, with it)
 
     async def readline(self) -> bytes:
         while (end := self.buffer.find(b"\n")) < 0:
@@ -86,7 +122,12 @@ class ClientConnection:
 LOCKED_OUT = "421 Too many failed logins from your address; try again later."
 
 
-async def handle_client(node: Node, sock: socket.socket, address: tuple) -> bool:
+async def handle_implicit(node: Node, sock: socket.socket, address: tuple) -> bool:
+    """One client on the implicit FTPS port: TLS from the first byte, then as any client."""
+    return await handle_client(node, sock, address, implicit=True)
+
+
+async def handle_client(node: Node, sock: socket.socket, address: tuple, implicit: bool = False) -> bool:
     """One FTP client: answer it until it names an online device, then splice it there.
     The caller closes the socket afterwards (False: it is never kept)."""
     peer_ip, peer_port = address[:2]
@@ -94,7 +135,7 @@ async def handle_client(node: Node, sock: socket.socket, address: tuple) -> bool
     peer = f"{bracketed(ip)}:{peer_port}"
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    client = ClientConnection(sock, node.settings.send_timeout)
+    client = ClientConnection(sock, node.settings.send_timeout, ip)
     admission = "shutting down" if node.draining else node.guard.admit(ip)
     if isinstance(admission, str):
         node.refuse(admission, peer, ip)
@@ -104,11 +145,15 @@ async def handle_client(node: Node, sock: socket.socket, address: tuple) -> bool
             "too many connections not logged in on this node": "421 This node is busy; try again later.",
         }.get(admission, "421 Too many connections from your address."))
         return False
-    admission.watch(lambda: _locked_out(node, sock, peer, ip))
+    admission.watch(lambda: _locked_out(node, client.sock, peer, ip))
+    ftps = node.tls.control(secured=implicit) if node.tls is not None else None
     try:
-        await _serve_client(node, client, peer, ip, admission)
+        if implicit and ftps is not None and node.tls is not None:
+            client.start_tls(node.backend, node.tls.config, ftps.tag)  # before the greeting
+        await _serve_client(node, client, peer, ip, admission, ftps)
     finally:
         admission.release()
+        await client.end_tls(peer)
         node.left()
     return False
 
@@ -124,12 +169,12 @@ def _locked_out(node: Node, sock: socket.socket, peer: str, ip: str) -> None:
 
 
 async def _serve_client(
-    node: Node, client: ClientConnection, peer: str, ip: str, admission: Admission
+    node: Node, client: ClientConnection, peer: str, ip: str, admission: Admission, ftps: Ftps | None
 ) -> None:
     s = node.settings
     connected = time.monotonic()
     login_deadline = connected + s.client_login_timeout
-    dialogue = PreLogin(s.max_login_failures)
+    dialogue = PreLogin(s.max_login_failures, ftps)
     try:
         async with asyncio.timeout(s.client_login_timeout):
             await client.send_line(GREETING)
@@ -162,7 +207,7 @@ async def _serve_client(
 
             first = lookup.user_line + client.buffer
             times = (connected, login_deadline)
-            await control_relay(node, device, client, chan, first, peer, times, logged_in)
+            await control_relay(node, device, client, chan, first, peer, times, logged_in, ftps)
     except Busy as exc:
         node.refuse(str(exc), f"{device.prefix} from {peer}", ip)
         await client.last_words(f"421 {str(exc).capitalize()}; try again later.")
@@ -196,6 +241,10 @@ async def _pre_login(
             await asyncio.sleep(node.settings.failure_delay)  # slows guessing down
         if await _act(client, peer, events):
             return None
+        ftps = dialogue.ftps
+        if node.tls is not None and ftps is not None and any(isinstance(e, StartTls) for e in events):
+            ftps.secured = True
+            client.start_tls(node.backend, node.tls.config, ftps.tag)
 
 
 async def _act(client: ClientConnection, peer: str, events: list) -> bool:
@@ -356,6 +405,7 @@ async def control_relay(
     peer: str,
     login_times: tuple[float, float],
     logged_in: Callable[[], None],
+    ftps: Ftps | None = None,
 ) -> None:
     """Relay the control connection, rewriting it on the way (:class:`ControlRewriter`).
 
@@ -367,8 +417,11 @@ async def control_relay(
     await chan.settle()  # "{}" must reach the device alone, before the USER line
     device_sock, early = chan.detach()
     client = conn.sock
-    client_ip = normalize_ip(client.getpeername()[0])
-    rewriter = ControlRewriter(client_ip, node.public_address_for(client))
+    client_ip = conn.peer_ip
+    claims: deque[tuple] = deque()
+    claim = node.tls.claimer(ftps, client_ip, claims) if node.tls is not None and ftps is not None else None
+    public = s.public_address or conn.local_ip
+    rewriter = ControlRewriter(client_ip, public, ftps, claim)
     failures = [0]
     relay: ControlRelay
 
@@ -422,6 +475,8 @@ async def control_relay(
     finally:
         relay.close()
         device_sock.close()
+        if node.tls is not None and ftps is not None:
+            node.tls.release(ftps, claims)
         device.control_peers[client_ip] -= 1
         if device.control_peers[client_ip] <= 0:
             del device.control_peers[client_ip]

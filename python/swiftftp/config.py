@@ -135,6 +135,21 @@ class Settings:
     #: Usage is written to the registry at least this often (and at session end).
     quota_flush_interval: float = 5.0
 
+    # [tls]: FTPS terminated at the node (tls.py); no certificate, no TLS.
+    #: PEM certificate chain (end-entity first) and its private key; SIGHUP re-reads both.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: Implicit FTPS (TLS from the first byte) on this port of ``listen``; 0 = off.
+    tls_implicit_port: int = 0
+    #: Every FTP client must use TLS: a plain one is refused before its USER is relayed.
+    tls_require: bool = False
+    #: ``PROT P`` before any data connection (PASV, EPSV, PORT, EPRT), else 521.
+    tls_require_data_protection: bool = False
+    #: A ``PROT P`` data connection must resume its control connection's TLS session
+    #: (vsftpd's ``require_ssl_reuse``, default on there too): a stranger who learnt the
+    #: port cannot take the transfer. FileZilla, lftp, curl and ftplib all resume.
+    tls_require_session_reuse: bool = True
+
     @property
     def registry_path(self) -> Path:
         return self.state_dir / "registry.sqlite3"
@@ -267,6 +282,22 @@ def _path(value: Any) -> Path:
     return Path(os.path.expanduser(_text(value)))
 
 
+def _optional_path(value: Any) -> Path | None:
+    return _path(value) if _text(value).strip() else None
+
+
+def _bool(value: Any) -> bool:
+    """``true``/``false`` in TOML; ``1``, ``0``, ``yes``, ``no``, ``true``, ``false`` in the
+    environment."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "yes", "true", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Option:
     section: str
@@ -320,12 +351,21 @@ def _options() -> list[Option]:
         ("key_prefix", "fleet_key_prefix", _text), ("host", "fleet_host", _optional_text),
         ("heartbeat", "fleet_heartbeat", seconds), ("servers_key", "fleet_servers_key", _text),
     ]
+    tls = [
+        ("certificate", "tls_certificate", _optional_path, True),
+        ("key", "tls_key", _optional_path, True),
+        ("implicit_port", "tls_implicit_port", _int(0, 65535), False),
+        ("require", "tls_require", _bool, False),
+        ("require_data_protection", "tls_require_data_protection", _bool, False),
+        ("require_session_reuse", "tls_require_session_reuse", _bool, False),
+    ]
     return (
         [Option("node", k, a, p) for k, a, p in node]
         + [Option("fleet", k, a, p) for k, a, p in fleet]
         + [Option("timeouts", k, a, seconds, reloadable=True) for k, a in timeouts]
         + [Option("limits", k, k, p, reloadable=True) for k, p in limits]
         + [Option("quota", k, a, p, reloadable=True) for k, a, p in quota]
+        + [Option("tls", k, a, p, reloadable=r) for k, a, p, r in tls]
     )
 
 
@@ -625,6 +665,36 @@ def check_environment(loaded: Loaded, create: bool = False) -> list[str]:
             problem = f"{log_path} is not writable"
         if problem:
             issues.append(f"node.transfer_log: {problem} ({source('transfer_log')})")
+    issues += _check_tls(s, source)
+    return issues
+
+
+def _check_tls(s: Settings, source: Callable[[str], str]) -> list[str]:
+    """The ``[tls]`` settings on this machine: both files or neither, readable, a pair
+    the TLS engine takes (not expired, the key matching), and a relay that can do TLS."""
+    issues = []
+    if not (s.tls_certificate or s.tls_key):
+        for attr in ("tls_implicit_port", "tls_require", "tls_require_data_protection"):
+            if getattr(s, attr):
+                key = _BY_ATTR[attr].key
+                issues.append(f"tls.{key}: needs tls.certificate and tls.key ({source(attr)})")
+        return issues
+    if not (s.tls_certificate and s.tls_key):
+        missing = "tls.key" if s.tls_certificate else "tls.certificate"
+        attr = "tls_certificate" if s.tls_certificate else "tls_key"
+        return [f"{missing}: missing; tls.{_BY_ATTR[attr].key} is set ({source(attr)})"]
+    from . import tls
+
+    try:
+        tls.load_pair(s)
+    except ConfigError as exc:
+        issues.append(f"{exc} ({source('tls_certificate')})")
+    if s.tls_implicit_port and s.tls_implicit_port in (s.ftp_port, s.device_port):
+        issues.append(f"tls.implicit_port: {s.tls_implicit_port} is already node.ftp_port or "
+                      f"node.device_port ({source('tls_implicit_port')})")
+    if s.relay_backend == "python" or os.environ.get("SWIFTFTP_RELAY", "").strip().lower() == "python":
+        issues.append("node.relay: the python relay cannot terminate TLS; use the rust relay "
+                      f"or remove tls.certificate ({source('relay_backend')})")
     return issues
 
 
@@ -639,6 +709,8 @@ def describe(settings: Settings) -> list[str]:
             text = f'"{value[0]}:{value[1]}"'
         elif value is None:
             text = '""'
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
         elif isinstance(value, str | Path):
             text = f'"{value}"'
         else:

@@ -20,6 +20,7 @@ from . import aio, logs
 from .channel import DeviceChannel
 from .command import CommandSession
 from .errors import Busy, ErrorCode, PeerClosed, ProtocolError
+from .ftp import Ftps
 from .net import accept_first, bracketed, dial, normalize_ip
 from .protocol import action_of, error, field
 from .registry import AccountExists
@@ -197,7 +198,8 @@ async def _passive(
             reason = f"no client connected within {s.pasv_accept_timeout:g} s"
             failed_transfer(device, "-", reason, asked)
             raise ProtocolError(ErrorCode.PASV_TIMEOUT, "no client connected") from None
-        await relay_data(node, device, chan, client, peer)
+        ftps = node.tls.for_passive(port) if node.tls is not None else None
+        await relay_data(node, device, chan, client, peer, ftps)
         client = None
     finally:
         accept.cancel()
@@ -232,8 +234,9 @@ async def active_data(
         reason = str(exc) or type(exc).__name__
         failed_transfer(device, where, f"connect failed: {reason}", asked)
         raise ProtocolError(ErrorCode.CONNECT_FAILED, f"connect failed: {reason}") from None
+    ftps = node.tls.for_active(target, port) if node.tls is not None else None
     try:
-        await relay_data(node, device, chan, client, peer)
+        await relay_data(node, device, chan, client, peer, ftps)
     finally:
         client.close()
 
@@ -253,12 +256,20 @@ def failed_transfer(device: Device, client: str, reason: str, since: float, *, w
 
 
 async def relay_data(
-    node: Node, device: Device, chan: DeviceChannel, client: socket.socket, peer: str
+    node: Node, device: Device, chan: DeviceChannel, client: socket.socket, peer: str,
+    ftps: Ftps | None = None,
 ) -> None:
-    """Answer ``{}``, let the device read it on its own, then relay raw bytes."""
+    """Answer ``{}``, let the device read it on its own, then relay raw bytes; TLS on
+    the client's leg when its control connection (``ftps``) said ``PROT P``."""
     await chan.send({})
     await chan.settle()  # the client's first bytes must not share the device's read with "{}"
     device_sock, early = chan.detach()
+    tls = node.tls.data_options(ftps) if node.tls is not None else {}
+    if early and tls:
+        # Bytes a device sent before it read "{}" would reach a TLS client in clear;
+        # no device does that (they wait for the answer to their request).
+        device_sock.close()
+        raise ProtocolError(ErrorCode.MALFORMED, "data before the answer to data_pasv_accept")
     try:
         if early:
             await aio.sendall(client, early, timeout=node.settings.send_timeout)
@@ -271,7 +282,16 @@ async def relay_data(
         info.buckets = node.throttle.session_buckets()
         up, down = node.throttle.chains(device, info.buckets)
         handle = node.backend.start(
-            client, device_sock, up=up, down=down, idle_timeout=node.settings.idle_timeout
+            client, device_sock, up=up, down=down, idle_timeout=node.settings.idle_timeout, **tls
         )
         info.counters = handle.counters
-        await handle
+        try:
+            await handle
+        except PermissionError:  # the client did not resume its control connection's session
+            node.refuse("TLS data connection not resuming its control session",
+                        f"{client_ip} for {device.prefix}", client_ip)
+            raise
+        finally:
+            if tls and (facts := handle.tls_info()):
+                log.info("data session id=%s TLS %s %s %s, resumed %s", info.id, facts.get("path"),
+                         facts.get("version"), facts.get("cipher"), facts.get("resumed"))

@@ -55,7 +55,66 @@ class Failure:
     guess: bool = True
 
 
-Event = Reply | Close | Lookup | Failure
+@dataclass(frozen=True)
+class StartTls:
+    """``AUTH TLS`` was accepted (234 sent before this): TLS from the next byte on."""
+
+
+Event = Reply | Close | Lookup | Failure | StartTls
+
+
+_SECURITY_VERBS = frozenset({"AUTH", "PBSZ", "PROT", "CCC"})
+
+
+@dataclass
+class Ftps:
+    """One control connection's FTPS state (RFC 4217), on a node with a certificate.
+
+    The pre-login dialogue and the relayed connection's :class:`ControlRewriter`
+    share it: ``PBSZ``/``PROT`` sent before ``USER`` hold after the login, and the
+    node answers them itself at any time (the device sees a plain FTP session).
+    ``tag`` names the connection's TLS session, which its ``PROT P`` data
+    connections resume.
+    """
+
+    tag: bytes = b""
+    require: bool = False  # [tls] require: no USER before AUTH TLS
+    require_protection: bool = False  # [tls] require_data_protection
+    secured: bool = False  # TLS on the control connection (AUTH TLS, or implicit)
+    protect: bool = False  # PROT P
+
+    def answer(self, verb: str, arg: bytes) -> str:
+        """The node's reply to ``AUTH`` (after login), ``PBSZ``, ``PROT`` or ``CCC``."""
+        level = arg.strip().upper()
+        if verb == "AUTH":
+            if self.secured:
+                return "503 TLS is already on for this connection."
+            return "503 AUTH TLS must come before USER through this proxy."
+        if not self.secured:
+            return f"503 {verb} needs AUTH TLS first."
+        if verb == "PBSZ":
+            # TLS needs no buffer size (RFC 4217, 9): always 0, whatever was asked.
+            return "200 PBSZ=0" if level.isdigit() else "501 Syntax: PBSZ 0."
+        if verb == "PROT":
+            # PROT before PBSZ is taken (vsftpd and ProFTPD take it too), not a 503.
+            if level in (b"P", b"C"):
+                self.protect = level == b"P"
+                return f"200 Protection level set to {'Private' if self.protect else 'Clear'}."
+            if level in (b"S", b"E"):
+                return "536 Only PROT P and PROT C are available with TLS."
+            return "504 Syntax: PROT P or PROT C."
+        return "534 CCC refused: the control connection stays encrypted."
+
+    def data_refusal(self) -> str | None:
+        """Why a data connection may not be set up now (``require_data_protection``)."""
+        if self.require_protection and not self.protect:
+            return "521 Data connections must be protected here: send PBSZ 0 and PROT P first."
+        return None
+
+
+def feat_lines(ftps: Ftps | None) -> bytes:
+    """What the node adds to a device's ``211`` FEAT reply."""
+    return b" AUTH TLS\r\n PBSZ\r\n PROT\r\n" if ftps is not None else b""
 
 
 def split_command(line: bytes) -> tuple[str, bytes]:
@@ -73,18 +132,42 @@ class PreLogin:
     ``unknown_prefix`` if no such device is online.
     """
 
-    def __init__(self, max_failures: int = 3) -> None:
+    def __init__(self, max_failures: int = 3, ftps: Ftps | None = None) -> None:
         self.max_failures = max_failures
         self.failures = 0
+        self.ftps = ftps  # None: the node has no certificate
         self._anonymous = False  # USER without a prefix was sent: fail the PASS
         self._verbs: dict[str, Callable[[bytes, bytes], list[Event]]] = {
             "USER": self._user,
             "PASS": self._pass,
             "QUIT": lambda line, arg: [Reply("221 Goodbye."), Close("quit")],
             "NOOP": lambda line, arg: [Reply("200 NOOP ok.")],
-            # TLS is not offered; a 5xx here makes lftp and FileZilla carry on in plain FTP.
-            "AUTH": lambda line, arg: [Reply("502 TLS is not available through this proxy.")],
+            "AUTH": self._auth,
+            "PBSZ": self._security,
+            "PROT": self._security,
+            "CCC": self._security,
         }
+
+    def _auth(self, line: bytes, arg: bytes) -> list[Event]:
+        ftps = self.ftps
+        if ftps is None:
+            # TLS is not offered; a 5xx here makes lftp and FileZilla carry on in plain FTP.
+            return [Reply("502 TLS is not available through this proxy.")]
+        if ftps.secured:
+            return [Reply("503 TLS is already on for this connection.")]
+        mechanism = arg.strip().upper()
+        if mechanism not in (b"TLS", b"SSL", b"TLS-C", b"TLS-P"):
+            return [Reply("504 Only AUTH TLS is available.")]
+        # AUTH SSL and TLS-P (the drafts before RFC 4217) meant protected data too;
+        # vsftpd and ProFTPD keep that meaning.
+        ftps.protect = mechanism in (b"SSL", b"TLS-P")
+        return [Reply(f"234 AUTH {mechanism.decode()} successful."), StartTls()]
+
+    def _security(self, line: bytes, arg: bytes) -> list[Event]:
+        if self.ftps is None:
+            return [Reply("530 Please log in with USER <prefix>_<user> first.")]
+        verb, arg = split_command(line)
+        return [Reply(self.ftps.answer(verb, arg))]
 
     def on_line(self, line: bytes) -> list[Event]:
         if len(line) > MAX_LINE:
@@ -111,6 +194,9 @@ class PreLogin:
 
     def _user(self, line: bytes, arg: bytes) -> list[Event]:
         self._anonymous = False
+        if self.ftps is not None and self.ftps.require and not self.ftps.secured:
+            # Before the password crosses in clear; not a failed login (no guess made).
+            return [Reply("530 This proxy requires TLS: send AUTH TLS first, or use FTPS.")]
         if not arg.strip():
             return [Reply("501 Syntax: USER <prefix>_<user>.")]
         if b"_" not in arg:
@@ -341,9 +427,20 @@ class ControlRewriter:
     and :attr:`failures` counts its ``530`` replies before that.
     """
 
-    def __init__(self, client_ip: str, public_address: str) -> None:
+    def __init__(
+        self,
+        client_ip: str,
+        public_address: str,
+        ftps: Ftps | None = None,
+        data_port: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._client = _client_address(client_ip)
         self._public = public_address
+        #: FTPS: the security commands are answered here, the FEAT reply completed.
+        self._ftps = ftps
+        #: Told of every data port set up (``("pasv", port)`` from a 227, ``("port",
+        #: port)`` from PORT/EPRT), so that the data connection finds this connection.
+        self._data_port = data_port or (lambda kind, port: None)
         #: Per run of commands sent on: [what its reply becomes, how many]; or the
         #: node's own answer waiting behind them: [answer bytes, how many].
         self._pending: deque[list] = deque()
@@ -370,6 +467,17 @@ class ControlRewriter:
             self._answer("501 A CR inside a command line is not accepted here.")
             return b""
         verb = command_verb(line)
+        ftps = self._ftps
+        if ftps is not None:
+            if verb in _SECURITY_VERBS:
+                self._answer(ftps.answer(verb, split_command(line)[1]))
+                return b""
+            if verb in _DATA_VERBS and (refusal := ftps.data_refusal()):
+                self._answer(refusal)
+                return b""
+            if verb == "FEAT":
+                self._expect("FEAT")
+                return line
         if verb not in _DATA_VERBS:
             self._expect("")
             return line
@@ -409,6 +517,7 @@ class ControlRewriter:
             return "501 Syntax: EPRT |1|IPv4 address|port| or |2|IPv6 address|port|."
         if port < 1024:
             return "504 Data port below 1024 refused (RFC 2577)."
+        self._data_port("port", port)
         if isinstance(self._client, ipaddress.IPv4Address):
             return port_command(self._client, port), ""
         if verb == "PORT":
@@ -454,8 +563,10 @@ class ControlRewriter:
         if self._multiline is not None:
             if m and m[1] == self._multiline and m[2] == b" ":
                 self._multiline = None
-                self._final()
+                expect = self._final()
                 self._login_reply(m[1])
+                if expect == "FEAT" and m[1] == b"211":
+                    line = feat_lines(self._ftps) + line
                 return before + line + self._release()
             return before + line
         if not m:
@@ -468,6 +579,8 @@ class ControlRewriter:
         expect = self._final()
         self._login_reply(m[1])
         if m[1] == b"227":
+            if parsed_port := parse_pasv_reply(line):
+                self._data_port("pasv", parsed_port[1])
             if expect == "EPSV":
                 parsed = parse_pasv_reply(line)
                 line = b"229 Entering Extended Passive Mode (|||%d|)\r\n" % parsed[1] if parsed else _NO_PASV

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from . import admin, logs, memory, relay
-from .clients import handle_client
+from .clients import handle_client, handle_implicit
 from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device
@@ -27,6 +27,7 @@ from .registry import Registry
 from .state import Device, DeviceTable, Session, holding
 from .stats import Stats, sample_throughput, serve_http
 from .timers import Wheel
+from .tls import NodeTls, describe
 
 log = logging.getLogger("swiftftp")
 
@@ -68,6 +69,13 @@ class ProxyNode:
         self.stats_address: tuple[str, int] | None = None
         #: This node's place in the fleet; None outside a fleet.
         self.fleet: Membership | None = None
+        #: FTPS: the certificate, the policy; None without a certificate. ConfigError
+        #: with one line for a pair that cannot be used.
+        self.tls = NodeTls(settings) if settings.tls_certificate else None
+        if self.tls is not None and self.backend.name != "rust":
+            raise ConfigError("node.relay: the python relay cannot terminate TLS; use the rust relay "
+                              "or remove tls.certificate")
+        self.implicit_port = 0
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -81,6 +89,14 @@ class ProxyNode:
             devices.close()
             raise
         self._listeners = [devices, clients]
+        if self.tls is not None and s.tls_implicit_port:
+            try:
+                self._listeners.append(listen_on(s.listen, s.tls_implicit_port, backlog=512))
+            except OSError:
+                devices.close()
+                clients.close()
+                raise
+            self.implicit_port = self._listeners[2].getsockname()[1]
         self.device_port = devices.getsockname()[1]
         self.ftp_port = clients.getsockname()[1]
         try:
@@ -100,6 +116,8 @@ class ProxyNode:
         )
         self._accept(devices, handle_device, "dev")
         self._accept(clients, handle_client, "ftp")
+        if self.implicit_port:
+            self._accept(self._listeners[2], handle_implicit, "ftps")
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
         self.spawn(self.refusals.run(), "refusals")
@@ -110,6 +128,13 @@ class ProxyNode:
             bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
         )
         log.info("%s", self.capacity.describe())
+        if self.tls is not None:
+            from ._rustrelay import RustBackend  # built: the TLS pair loaded through it
+
+            implicit = f", implicit FTPS on port {self.implicit_port}" if self.implicit_port else ""
+            log.info("TLS: %s; explicit FTPS (AUTH TLS) on port %d%s%s; %s", describe(self.tls.config),
+                     self.ftp_port, implicit, ", required" if s.tls_require else "",
+                     RustBackend.tls_status())
 
     async def _join_fleet(self) -> None:
         """Share the bucket's prefix map, and put this node on the server list."""
@@ -232,6 +257,8 @@ class ProxyNode:
         for option in OPTIONS:
             if option.reloadable:
                 setattr(merged, option.attr, getattr(settings, option.attr))
+        if self.tls is not None:
+            self.tls.reload()  # the same paths too: certbot renews in place
         for device in self.devices.values():
             if device.overrides_loaded:  # the others read theirs at their first transfer
                 self._load_overrides(device)

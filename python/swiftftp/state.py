@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .relay import Backend, Bucket
     from .stats import Stats
     from .timers import Wheel
+    from .tls import NodeTls
 
 
 @dataclass(eq=False, slots=True)
@@ -232,6 +233,8 @@ class Node(Protocol):
     pending_listeners: int
     keepalives: Wheel
     fleet: Membership | None
+    #: FTPS (tls.NodeTls); None without a certificate.
+    tls: NodeTls | None
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task: ...
 

@@ -756,8 +756,14 @@ impl Core {
         if let Some(required) = &self.require {
             if !resumed || self.resumed_tag.as_ref() != Some(required) {
                 drop(info);
-                self.conn.send_close_notify();
-                let _ = self.flush();
+                // A reset, not close_notify: a clean close would be an empty file to
+                // the client (ftplib: an empty listing, no error); a reset is an error
+                // in every client, as vsftpd's 522 reply is.
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                let _ = setsockopt(&self.socks[0], sockopt::Linger, &linger);
                 return Err(Outcome::FailedWith(
                     Errno::EACCES,
                     "TLS session not resumed from the control connection".into(),
