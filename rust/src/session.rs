@@ -809,8 +809,19 @@ mod tests {
         let send = |mut sock: TcpStream, data: Vec<u8>| {
             std::thread::spawn(move || {
                 for chunk in data.chunks(EVERY) {
-                    let (urgent, rest) = chunk.split_last().unwrap();
-                    sock.write_all(rest).unwrap();
+                    let (urgent, mut rest) = chunk.split_last().unwrap();
+                    // The reader's read_available makes the shared file description
+                    // non-blocking: wait for room rather than fail on WouldBlock.
+                    while !rest.is_empty() {
+                        match sock.write(rest) {
+                            Ok(n) => rest = &rest[n..],
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                                let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+                                let _ = poll(&mut fds, 100u16);
+                            }
+                            Err(e) => panic!("write: {e}"),
+                        }
+                    }
                     send_urgent(&sock, &[*urgent]);
                 }
                 sock.shutdown(NetShutdown::Write).unwrap();

@@ -26,6 +26,13 @@ pub fn reset(stream: TcpStream) {
 /// Send `data` as TCP urgent data (MSG_OOB): its last byte is the urgent
 /// byte, and the receiver's urgent mark sits before it.
 pub fn send_urgent(stream: &TcpStream, data: &[u8]) {
-    let n = send(stream.as_raw_fd(), data, MsgFlags::MSG_OOB).unwrap();
-    assert_eq!(n, data.len());
+    // A test may have made the socket non-blocking (a shared file description):
+    // wait for room rather than fail.
+    loop {
+        match send(stream.as_raw_fd(), data, MsgFlags::MSG_OOB) {
+            Ok(n) => return assert_eq!(n, data.len()),
+            Err(nix::errno::Errno::EAGAIN) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Err(e) => panic!("send MSG_OOB: {e}"),
+        }
+    }
 }
