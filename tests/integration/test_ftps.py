@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ftpservers import TOOLS, ensure_tools
 from tests.helpers import wait_until
 from tests.integration.conftest import Files, Stack
 from tests.serveproc import Serve, clean_env, node_config
@@ -140,8 +141,8 @@ def run_ftplib(stack: Stack, pki: Path, passive: bool, out: Path, upload: Path, 
 
 def run_curl(stack: Stack, pki: Path, passive: bool, out: Path, upload: Path, upname: str) -> str:
     url = f"ftp://{stack.prefix}_{FTP_USER}:{FTP_PASSWORD}@127.0.0.1:{stack.port}/"
-    base = ["curl", "--silent", "--show-error", "--max-time", "60", "--ssl-reqd",
-            "--cacert", str(pki / "ca.pem")]
+    base = [curl_for_active_ftps() if not passive else "curl", "--silent", "--show-error",
+            "--max-time", "60", "--ssl-reqd", "--cacert", str(pki / "ca.pem")]
     if not passive:
         base += ["--ftp-port", "-"]
 
@@ -175,20 +176,28 @@ def run_lftp(stack: Stack, pki: Path, passive: bool, out: Path, upload: Path, up
 CLIENTS = {"ftplib": run_ftplib, "curl": run_curl, "lftp": run_lftp}
 
 
-def curl_version() -> tuple[int, ...]:
-    out = subprocess.run(["curl", "--version"], capture_output=True, text=True, timeout=10).stdout
+def curl_version(curl: str = "curl") -> tuple[int, ...]:
+    out = subprocess.run([curl, "--version"], capture_output=True, text=True, timeout=10).stdout
     return tuple(int(x) for x in out.split()[1].split(".")[:2])
+
+
+def curl_for_active_ftps() -> str:
+    """curl 7.88 (Debian 12) accepts an active FTPS data connection, then fails before
+    its TLS handshake ("sa_addr inet_ntop() failed", curl issue #10622, fixed in 8.0;
+    the same against ProFTPD mod_tls): then the curl 8 that scripts/install-ftp-tools
+    unpacked from backports."""
+    if curl_version() >= (8, 0):
+        return "curl"
+    ensure_tools()
+    curl8 = TOOLS / "curl8" / "curl"
+    assert curl_version(str(curl8)) >= (8, 0), f"{curl8} is not curl 8"
+    return str(curl8)
 
 
 @pytest.mark.parametrize("mode", ["passive", "active"])
 @pytest.mark.parametrize("client", list(CLIENTS))
 def test_ftps_transfers(tls_stack: Stack, files: Files, pki: Path, client: str, mode: str,
                         tmp_path: Path) -> None:
-    if client == "curl" and mode == "active" and curl_version() < (8, 0):
-        # curl 7.88 (Debian 12) accepts the data connection, then fails before its TLS
-        # handshake ("sa_addr inet_ntop() failed", curl issue #10622, fixed in 8.0): the
-        # same against ProFTPD mod_tls. Active FTPS is covered by ftplib and lftp.
-        pytest.skip("curl < 8.0 cannot do active-mode FTPS (curl issue #10622)")
     stack = tls_stack
     baseline = stack.baseline()
     upname = f"up-{client}-{mode}.bin"
