@@ -414,7 +414,7 @@ class ProxyNode:
         self.sessions.add(info)
         if device:
             device.sessions.add(info)
-        log.info("session open id=%s kind=%s prefix=%s peer=%s", info.id, kind, info.prefix, peer)
+        logs.event(log, "session_open", id=info.id, kind=kind, prefix=info.prefix, peer=peer)
         return info
 
     @contextlib.contextmanager
@@ -448,10 +448,8 @@ class ProxyNode:
             self.stats.closed_bytes[0] += up
             self.stats.closed_bytes[1] += down
             self.quota.settle(info)
-        log.info(
-            "session close id=%s kind=%s prefix=%s peer=%s up=%d down=%d duration=%.3f reason=%s",
-            info.id, info.kind, info.prefix, info.peer, up, down, duration, outcome,
-        )
+        logs.event(log, "session_close", id=info.id, kind=info.kind, prefix=info.prefix, peer=info.peer,
+                   up=up, down=down, duration=round(duration, 3), reason=outcome)
         if info.kind == "data":
             direction = "upload" if up > down else "download" if down else "none"
             logs.log_transfer(
