@@ -11,6 +11,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 from . import admin, logs, memory, relay
@@ -63,6 +64,7 @@ class ProxyNode:
         self._commit_soon = False
         self._paused: set[asyncio.TimerHandle] = set()  # accepting resumes (after EMFILE)
         self._servers: list[asyncio.Server] = []
+        self._control: Path | None = None  # the control socket's file, removed at close
         self._ids = itertools.count(1)
         self.ftp_port = settings.ftp_port
         self.device_port = settings.device_port
@@ -106,6 +108,7 @@ class ProxyNode:
                 self.stats_address = server.sockets[0].getsockname()[:2]
             with contextlib.suppress(OSError):  # e.g. a state dir path too long for AF_UNIX
                 self._servers.append(await admin.serve(self, admin.socket_path(s.state_dir)))
+                self._control = admin.socket_path(s.state_dir)
             if s.fleet_bucket:
                 await self._join_fleet()
         except (OSError, FleetError, ConfigError):
@@ -245,6 +248,10 @@ class ProxyNode:
         for server in self._servers:
             await server.wait_closed()
         self._servers = []
+        if self._control is not None:  # Python 3.11's unix servers leave their file
+            with contextlib.suppress(OSError):
+                self._control.unlink()
+            self._control = None
         logs.setup_transfer_log(None, "plain")
 
     def reload(self, settings: Settings) -> list[str]:
