@@ -24,6 +24,12 @@ and the client gives up on the transfer.
 The agent keeps its device id in its own state directory, which it locks:
 a second agent on the same directory refuses to start.  It does not publish
 its URL before the FTP server greets it.
+
+Identity: it keeps an Ed25519 key beside its device id (made at its first
+start), presents it at the command session's login and signs the node's
+challenge; its other connections show the token the command session got
+(docs/protocol.md, "Device proof of identity").  With ``tls`` it dials the node
+over TLS and verifies the node's certificate (:func:`dial_tls`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import time
 import urllib.request
 import uuid
@@ -50,6 +57,7 @@ from . import __version__, aio, relay
 from .channel import DeviceChannel
 from .errors import PeerClosed, SwiftFTPError
 from .ftp import LineSplitter, parse_port_argument, split_command
+from .identity import DeviceKey, fingerprint, load_or_create_key, unb64
 from .net import accept_first, bracketed, close_gracefully, dial, listen_on, normalize_ip, split_server
 
 log = logging.getLogger("swiftftp.agent")
@@ -176,6 +184,10 @@ class StateLock:
 def describe(exc: BaseException, timeout: float | None = None) -> str:
     """One short phrase for a network failure: ``connection refused``, ``no answer
     within 10 s``, or the error's own text."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the node's TLS certificate does not verify: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}"
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"no answer within {timeout:g} s" if timeout else "timed out"
     if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, PeerClosed):
@@ -211,6 +223,8 @@ class AgentSettings:
     #: An older default state directory whose device id is taken over (moved) when
     #: ``state_dir`` has none: set when ``state_dir`` is the default.
     legacy_state_dir: Path | None = None
+    #: Dial the node over TLS, verifying its certificate with this context (None: plain).
+    tls: ssl.SSLContext | None = None
 
 
 class Agent:
@@ -235,6 +249,10 @@ class Agent:
         #: The proxy's notice that this session was replaced (the same id logged in elsewhere).
         self._replaced: str | None = None
         self._replaced_at: list[float] = []
+        #: The device key (read from the state directory once it is locked).
+        self.key: DeviceKey | None = None
+        #: The command session's token: its other connections show it instead of a signature.
+        self._token: str | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
         """Start a task the agent owns (cancelled when ``run()`` ends)."""
@@ -254,6 +272,10 @@ class Agent:
                 with contextlib.suppress(OSError):  # unreadable: a new id, as before
                     adopt_device_id(self.settings.state_dir, self.settings.legacy_state_dir)
             self.device_id = load_device_id(self.settings.state_dir)
+            self.key, made = load_or_create_key(self.settings.state_dir)
+            if made:
+                log.info("made a device key %s in %s; back it up with the device id (the node binds "
+                         "the id to it)", fingerprint(self.key.public), self.settings.state_dir)
             await self._serve()
         finally:
             for task in list(self._tasks):
@@ -373,21 +395,57 @@ class Agent:
         ``timeout``, default ``connect_timeout``): the request goes in the same write as
         the login (the node reads a stream), which saves a round trip per data connection."""
         assert self.device_id is not None, "run() reads the device id"
-        sock = await dial(self.proxy_host, port or self.proxy_port, self.settings.connect_timeout)
+        sock, peer = await self._dial(port or self.proxy_port)
         # The node's side needs no pacing either: this agent decodes a byte stream.
-        chan = DeviceChannel(sock, paced=False, send_timeout=self.settings.connect_timeout)
-        login = {"action": "login", "android_id": self.device_id,
-                 "swiftp_version": f"swiftftp-agent/{__version__}",
-                 # we decode concatenated objects: the node may write without pacing
-                 "json_stream": True}
+        chan = DeviceChannel(sock, paced=False, send_timeout=self.settings.connect_timeout, peer=peer)
+        login: dict[str, Any] = {
+            "action": "login", "android_id": self.device_id,
+            "swiftp_version": f"swiftftp-agent/{__version__}",
+            # we decode concatenated objects: the node may write without pacing
+            "json_stream": True,
+        }
+        token = self._token
+        if token is not None:  # one of the command session's connections: no round trip
+            login["token"] = token
+        elif self.key is not None:
+            login["key"] = self.key.public
         try:
-            await chan.send(login, *([request] if request else []))
-            await self._reply(chan)
+            if token is not None or self.key is None:
+                await chan.send(login, *([request] if request else []))
+                await self._reply(chan)
+            else:  # the node may ask for a signature first: the request waits for it
+                await chan.send(login)
+                await self._answer_challenge(chan, await self._reply(chan))
+                if request:
+                    await chan.send(request)
             reply = await self._reply(chan, timeout) if request else None
         except BaseException:
             chan.close()
             raise
         return chan, reply
+
+    async def _answer_challenge(self, chan: DeviceChannel, reply: dict[str, Any]) -> None:
+        """Sign the node's ``challenge`` (if it sent one: a node of an earlier version
+        answers ``{}`` at once) and read the login's final reply."""
+        challenge = reply.get("challenge")
+        if challenge is None:
+            return
+        assert self.key is not None and self.device_id is not None
+        try:
+            raw = unb64(challenge, 32)
+        except (ValueError, TypeError, AttributeError):
+            raise AgentError(f"the proxy sent a challenge that does not read: {challenge!r}") from None
+        await chan.send({"action": "login_proof", "signature": self.key.sign(self.device_id, raw)})
+        await self._reply(chan)
+
+    async def _dial(self, port: int) -> tuple[socket.socket, tuple[str, int]]:
+        """A connection to the node's ``port``, over TLS with ``--tls``: the socket to
+        speak plaintext on, and the node's (address, port)."""
+        s = self.settings
+        if s.tls is None:
+            sock = await dial(self.proxy_host, port, s.connect_timeout)
+            return sock, sock.getpeername()[:2]
+        return await dial_tls(self.proxy_host, port, s.tls, s.connect_timeout, self.spawn)
 
     async def _reply(self, chan: DeviceChannel, timeout: float | None = None) -> dict[str, Any]:
         async with asyncio.timeout(timeout or self.settings.connect_timeout):
@@ -401,7 +459,10 @@ class Agent:
         try:
             self.proxy_ip = normalize_ip(chan.peer[0])
             await chan.send({"action": "start_command_session"})
-            self.prefix = (await self._reply(chan))["prefix"]
+            started = await self._reply(chan)
+            self.prefix = started["prefix"]
+            token = started.get("token")
+            self._token = token if isinstance(token, str) else None
             user = f"{self.prefix}_{self.settings.user}"
             if self.settings.user == "anonymous":
                 user += ":"  # an empty password given, so lftp does not stop to ask for one
@@ -411,6 +472,7 @@ class Agent:
             # both end by raising: the proxy fell silent, closed, or asked us to move
             await aio.run_all(self._listen(chan), self._keepalive(chan))
         finally:
+            self._token = None  # it ends with its session
             chan.close()
 
     async def _listen(self, chan: DeviceChannel) -> None:
@@ -496,6 +558,64 @@ class Agent:
         with contextlib.suppress(OSError, TimeoutError):
             await aio.sendall(sock, reply.encode() + b"\r\n", timeout=5)
         await close_gracefully(sock)
+
+
+async def dial_tls(
+    host: str, port: int, context: ssl.SSLContext, timeout: float,
+    spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task],
+) -> tuple[socket.socket, tuple[str, int]]:
+    """Dial the node over TLS, verifying its certificate (``context``) for ``host``.
+
+    The rest of the agent speaks to plain sockets (and relays them with splice), so
+    the TLS stream is pumped to one end of a socket pair by a task ``spawn`` owns,
+    and the other end is returned, with the node's (address, port). An EOF from the
+    agent's side ends TLS with close_notify; the node's close_notify is an EOF on the
+    pair (asyncio's TLS has no half-close; an FTP data connection carries one way)."""
+    raw = await dial(host, port, timeout)
+    peer = raw.getpeername()[:2]
+    try:
+        reader, writer = await asyncio.open_connection(
+            sock=raw, ssl=context, server_hostname=host, ssl_handshake_timeout=timeout
+        )
+    except BaseException:
+        raw.close()
+        raise
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    spawn(_tls_pump(reader, writer, theirs), "agent-tls")
+    return ours, peer
+
+
+async def _tls_pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, plain: socket.socket) -> None:
+    """Move bytes between the TLS stream and ``plain`` until both ends are done."""
+
+    async def down() -> None:  # node → agent; its end (or failure) is an EOF for the agent
+        try:
+            while data := await reader.read(65536):
+                await aio.sendall(plain, data, timeout=SEND_TIMEOUT)
+        finally:
+            with contextlib.suppress(OSError):
+                plain.shutdown(socket.SHUT_WR)
+
+    async def up() -> None:  # agent → node
+        while data := await aio.recv(plain, 65536):
+            writer.write(data)
+            await writer.drain()
+
+    downward = asyncio.ensure_future(down())
+    try:
+        with contextlib.suppress(*_NET_ERRORS):
+            await up()
+        writer.close()  # close_notify: the node sees EOF
+        with contextlib.suppress(*_NET_ERRORS):
+            async with asyncio.timeout(SEND_TIMEOUT):
+                await downward
+    finally:
+        downward.cancel()
+        await asyncio.gather(downward, return_exceptions=True)
+        writer.close()
+        plain.close()
 
 
 async def read_reply(sock: socket.socket, limit: int = MAX_REPLY) -> str:

@@ -49,13 +49,21 @@ class CommandSession:
     __slots__ = (
         "node", "device", "sock", "peer", "ip", "group", "info", "outbox", "bytes_in", "bytes_out",
         "last_recv", "last_send", "_decoder", "_loop", "_timer", "_wbuf", "_closed", "_closing",
+        "key", "token", "tls",
     )
 
     def __init__(
         self, node: Node, device: Device, sock: socket.socket, peer: str, *, paced: bool, early: bytes = b"",
-        ip: str,
+        ip: str, key: str | None = None, token: str | None = None, tls: bool = False,
     ) -> None:
         self.node = node
+        #: The key the device proved at login (None: a device without a key).
+        self.key = key
+        #: What the session's rendezvous and data connections show instead of a
+        #: signature (docs/protocol.md, "Device proof of identity"); None without a key.
+        self.token = token
+        #: The device came through the TLS device port: its rendezvous are TLS too.
+        self.tls = tls
         self.device = device
         self.sock = sock
         self.peer = peer
@@ -92,7 +100,10 @@ class CommandSession:
         self.info = node.open_session("command", device, self.peer)
         self.info.counters = lambda: (self.bytes_in, self.bytes_out)
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
-        self.outbox.reply(encode({"prefix": device.prefix}))
+        reply: dict[str, Any] = {"prefix": device.prefix}
+        if self.token is not None:
+            reply["token"] = self.token
+        self.outbox.reply(encode(reply))
         self._pump()
         node.keepalives.add(self, self.last_recv + node.settings.keepalive_interval)
         if self.bytes_in:

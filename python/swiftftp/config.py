@@ -67,6 +67,12 @@ class Settings:
     fleet_heartbeat: float = 30.0
     fleet_servers_key: str = "servers"
 
+    # [tls]: the node's certificate and key (PEM files), and the TLS device port.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: Devices that dial over TLS (swiftftp-agent --tls) come here; 0 = off.
+    tls_device_port: int = 0
+
     # [timeouts], seconds (docs/protocol.md: 2 min client login, 10 s device login, 30 min silence).
     client_login_timeout: float = 120.0
     device_login_timeout: float = 10.0
@@ -267,6 +273,10 @@ def _path(value: Any) -> Path:
     return Path(os.path.expanduser(_text(value)))
 
 
+def _optional_path(value: Any) -> Path | None:
+    return _path(value) if _text(value) else None
+
+
 @dataclass(frozen=True)
 class Option:
     section: str
@@ -320,9 +330,14 @@ def _options() -> list[Option]:
         ("key_prefix", "fleet_key_prefix", _text), ("host", "fleet_host", _optional_text),
         ("heartbeat", "fleet_heartbeat", seconds), ("servers_key", "fleet_servers_key", _text),
     ]
+    tls = [
+        ("certificate", "tls_certificate", _optional_path), ("key", "tls_key", _optional_path),
+        ("device_port", "tls_device_port", _int(0, 65535)),
+    ]
     return (
         [Option("node", k, a, p) for k, a, p in node]
         + [Option("fleet", k, a, p) for k, a, p in fleet]
+        + [Option("tls", k, a, p) for k, a, p in tls]
         + [Option("timeouts", k, a, seconds, reloadable=True) for k, a in timeouts]
         + [Option("limits", k, k, p, reloadable=True) for k, p in limits]
         + [Option("quota", k, a, p, reloadable=True) for k, a, p in quota]
@@ -625,6 +640,13 @@ def check_environment(loaded: Loaded, create: bool = False) -> list[str]:
             problem = f"{log_path} is not writable"
         if problem:
             issues.append(f"node.transfer_log: {problem} ({source('transfer_log')})")
+    if s.tls_device_port:
+        for attr, key in (("tls_certificate", "certificate"), ("tls_key", "key")):
+            path = getattr(s, attr)
+            if path is None:
+                issues.append(f"tls.{key}: needed by tls.device_port ({source('tls_device_port')})")
+            elif not os.access(path, os.R_OK):
+                issues.append(f"tls.{key}: cannot read {path} ({source(attr)})")
     return issues
 
 

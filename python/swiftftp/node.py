@@ -17,7 +17,7 @@ from . import admin, logs, memory, relay
 from .clients import handle_client
 from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
-from .devices import handle_device
+from .devices import handle_device, handle_tls_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
 from .fleet import Bucket, Membership, ServerList, SharedPrefixes
 from .limits import Capacity, Guard, Throttle
@@ -39,8 +39,11 @@ class ProxyNode:
 
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
-        self.registry = registry or Registry(settings.registry_path)
         self.backend = relay.get_backend(settings.relay_backend)
+        #: The TLS device port's certificate (``[tls]``), None when that port is off.
+        self.device_tls: Any = self._device_tls(settings) if settings.tls_device_port else None
+        self.tls_device_port = settings.tls_device_port
+        self.registry = registry or Registry(settings.registry_path)
         self.throttle = Throttle(self.backend, settings)
         self.capacity = Capacity(settings)
         self.guard = Guard(settings, self.capacity)
@@ -83,6 +86,16 @@ class ProxyNode:
         self._listeners = [devices, clients]
         self.device_port = devices.getsockname()[1]
         self.ftp_port = clients.getsockname()[1]
+        tls_devices = None
+        if self.device_tls is not None:
+            try:
+                tls_devices = listen_on(s.listen, s.tls_device_port, backlog=512)
+            except OSError:
+                devices.close()
+                clients.close()
+                raise
+            self._listeners.append(tls_devices)
+            self.tls_device_port = tls_devices.getsockname()[1]
         try:
             if s.stats_listen:
                 server = await serve_http(self, *s.stats_listen)
@@ -100,6 +113,10 @@ class ProxyNode:
         )
         self._accept(devices, handle_device, "dev")
         self._accept(clients, handle_client, "ftp")
+        if tls_devices is not None:
+            self._accept(tls_devices, handle_tls_device, "dev")
+            log.info("devices over TLS on port %d (%s)", self.tls_device_port,
+                     ", ".join(self.device_tls.names) or "certificate without names")
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
         self.spawn(self.refusals.run(), "refusals")
@@ -110,6 +127,38 @@ class ProxyNode:
             bracketed(s.listen), self.ftp_port, self.device_port, self.backend.name,
         )
         log.info("%s", self.capacity.describe())
+
+    def _device_tls(self, settings: Settings) -> Any:
+        """The ``[tls]`` certificate and key, loaded for the TLS device port;
+        :class:`ConfigError` with one line naming the setting when they cannot be used."""
+        if self.backend.name != "rust":
+            raise ConfigError("tls.device_port: TLS needs the rust relay backend (node.relay)")
+        pair = []
+        for attr, key in (("tls_certificate", "certificate"), ("tls_key", "key")):
+            path = getattr(settings, attr)
+            if path is None:
+                raise ConfigError(f"tls.{key}: needed by tls.device_port")
+            try:
+                pair.append(path.read_bytes())
+            except OSError as exc:
+                raise ConfigError(f"tls.{key}: cannot read {path}: {exc.strerror or exc}") from None
+        try:
+            return self.backend.tls_config(pair[0], pair[1])
+        except ValueError as exc:
+            raise ConfigError(f"tls.certificate: {settings.tls_certificate}: {exc}") from None
+
+    def reload_tls(self) -> None:
+        """Read the ``[tls]`` files again for new TLS handshakes (SIGHUP: a renewed
+        certificate); a pair that does not load is logged and the old one stays."""
+        if self.device_tls is None:
+            return
+        s = self.settings
+        try:
+            assert s.tls_certificate is not None and s.tls_key is not None
+            self.device_tls.reload(s.tls_certificate.read_bytes(), s.tls_key.read_bytes())
+        except (OSError, ValueError) as exc:
+            logs.event(log, "tls_reload_failed", level=logging.ERROR, path=s.tls_certificate,
+                       reason=str(exc), consequence="the certificate loaded before stays in use")
 
     async def _join_fleet(self) -> None:
         """Share the bucket's prefix map, and put this node on the server list."""
@@ -238,6 +287,7 @@ class ProxyNode:
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
         capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
         self.capacity.command_sessions, self.capacity.pending = capacity.command_sessions, capacity.pending
+        self.reload_tls()
         log.info("reloaded: %s", ", ".join(applied) or "nothing changed")
         return applied
 
