@@ -399,7 +399,8 @@ class Registry:
         True if it is bound to ``key`` now."""
         with self._sql() as db:
             db.execute(
-                "UPDATE devices SET public_key = ?, key_bound = ? WHERE android_id = ? AND public_key IS NULL",
+                "UPDATE devices SET public_key = ?, key_bound = ?"
+                " WHERE android_id = ? AND public_key IS NULL",
                 (key, time.time(), android_id),
             )
             row = db.execute("SELECT prefix, public_key FROM devices WHERE android_id = ?",

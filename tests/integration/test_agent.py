@@ -112,7 +112,7 @@ def test_default_state_dir_is_the_agents_own(tmp_path: Path) -> None:
     agent = AgentProcess(proxy, "127.0.0.1", ftpd.port, None, env={"XDG_STATE_HOME": str(state)})
     try:
         found = sorted(p.name for p in (state / "swiftftp-agent").iterdir())
-        assert found == ["agent-device-id", "agent.lock"]
+        assert found == ["agent-device-id", "agent-device-key", "agent.lock"]
         assert [p.name for p in state.iterdir()] == ["swiftftp-agent"]
     finally:
         assert agent.close() == 0
