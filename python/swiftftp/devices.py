@@ -70,7 +70,7 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
         if expected is not None and android_id != expected:
             raise ProtocolError(ErrorCode.BAD_CREDENTIALS, "not the device expected here")
         stream = message.get("json_stream") is True
-        key = await prove(node, chan, message, android_id)
+        key, signed = await prove(node, chan, message, android_id)
         if action != "authenticate" and node.registry.lookup(android_id, seen=False) is None:
             ip, port = chan.peer
             ip = normalize_ip(ip)
@@ -91,7 +91,7 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
         else:
             field(message, "swiftp_version", str, required=False)
         prefix = await node.prefix_for(android_id)
-        if key is not None and node.registry.key_of(android_id) is None:
+        if signed and key is not None and node.registry.key_of(android_id) is None:  # first use
             if not node.registry.bind(android_id, key):  # another key was bound meanwhile
                 await refuse_identity(node, chan, android_id, "this device id is bound to another key")
             logs.event(log, "device_bound", prefix=prefix, peer=_where(chan))
@@ -105,9 +105,11 @@ def _where(chan: DeviceChannel) -> str:
     return f"{bracketed(normalize_ip(ip))}:{port}"
 
 
-async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str) -> str | None:
-    """Check the login's proof of identity (docs/protocol.md, "Device proof of identity");
-    the key it proved, or None for a device id without a key that offers none.
+async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str) -> tuple[str | None, bool]:
+    """Check the login's proof of identity (docs/protocol.md, "Device proof of identity"):
+    the key it proved (None for a device id without a key that offers none), and whether
+    it signed a challenge just now (only that binds a key: a token shown after an
+    operator's ``devices unbind`` must not bind the old key again).
 
     * ``token``: the token of the device's command session open on this node (the
       rendezvous and data connections of that session: no round trip);
@@ -128,9 +130,9 @@ async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str)
             await refuse_identity(node, chan, android_id,
                                   "session token not valid (no command session of this device here)")
         assert command is not None
-        return command.key
+        return command.key, False
     if offered is None and bound is None:
-        return None  # a device without a key (every field device): today's behaviour
+        return None, False  # a device without a key (every field device): today's behaviour
     ip = normalize_ip(chan.peer[0])
     if node.guard.locked(node.guard.group(ip)):
         node.refuse("locked out", _where(chan), ip)
@@ -153,7 +155,7 @@ async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str)
         raise ProtocolError(ErrorCode.MALFORMED, "expected login_proof")
     if not verify(key, android_id, challenge, field(answer, "signature", str)):
         await refuse_identity(node, chan, android_id, "signature not valid")
-    return key
+    return key, True
 
 
 async def refuse_identity(node: Node, chan: DeviceChannel, android_id: str, reason: str) -> None:

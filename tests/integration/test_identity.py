@@ -273,7 +273,8 @@ def test_unbind_then_a_keyless_login_is_accepted(site: Site) -> None:
         assert stranger.recv() == {}
     finally:
         stranger.close()
-    round_trip(site, passive=False, name="after-unbind.bin")  # its token still works
+    round_trip(site, passive=False, name="after-unbind.bin")  # its token still works…
+    assert "not bound" in cli(site, "show", prefix).stdout  # …and binds nothing
     assert site.agent.close() == 0
     site.agent = AgentProcess(site.proxy, "127.0.0.1", site.ftpd.port, site.state)
     assert site.agent.prefix == prefix
@@ -336,3 +337,61 @@ def test_agent_refuses_a_node_whose_certificate_does_not_verify(tmp_path: Path) 
         assert site.agent.close() == 0
         site.ftpd.close()
         site.proxy.close()
+
+
+def test_stranger_on_a_rendezvous_port_is_refused(tmp_path: Path) -> None:
+    """A bound device's rendezvous (a client's control connection) takes only a login
+    that shows the command session's token: a stranger from the device's own address
+    who connects to the announced port first, keyless or with a made-up token, gets
+    error 16, and the device's own login there still goes through."""
+    import concurrent.futures
+
+    proxy = ProxyThread(node_settings(tmp_path / "node", guess_max_failures=GUESSES))
+    key, device_id = DeviceKey.generate(), "keyed-test-device"
+    device = Stranger(proxy.device_port, "127.0.0.1")
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        device.send(login(device_id, key=key.public, json_stream=True))
+        challenge = unb64(device.recv()["challenge"], 32)
+        device.send({"action": "login_proof", "signature": key.sign(device_id, challenge)})
+        assert device.recv() == {}
+        device.send({"action": "start_command_session"})
+        started = device.recv()
+        prefix, token = started["prefix"], started["token"]
+        assert proxy.run(lambda node: node.registry.key_of(device_id)) == key.public
+
+        def client() -> str:
+            ftp = ftplib.FTP()
+            ftp.connect("127.0.0.1", proxy.ftp_port, timeout=20)
+            try:
+                ftp.sendcmd(f"USER {prefix}_bob")
+            except ftplib.error_perm as exc:
+                return str(exc)
+            finally:
+                ftp.close()
+            return "no error"
+
+        answered = pool.submit(client)
+        waiting = device.recv()
+        assert waiting["action"] == "control_connection_waiting", waiting
+        port = waiting["port"]
+        assert "bound to a key" in refused(port, "127.0.0.1", login(device_id))
+        made_up = login(device_id, token=b64(os.urandom(32)))
+        assert "session token not valid" in refused(port, "127.0.0.1", made_up)
+        own = Stranger(port, "127.0.0.1")
+        try:
+            own.send(login(device_id, token=token, json_stream=True))
+            assert own.recv() == {}
+            line = b""
+            while not line.endswith(b"\n"):
+                line += own.sock.recv(100)
+            assert line == b"USER bob\r\n"
+            own.sock.sendall(b"530 Not this time.\r\n")
+        finally:
+            own.close()
+        assert answered.result(20) == "530 Not this time."
+        assert proxy.run(lambda node: node.stats.refused["device identity not proven"]) == 2
+    finally:
+        pool.shutdown()
+        device.close()
+        proxy.close()
