@@ -395,3 +395,30 @@ def test_stranger_on_a_rendezvous_port_is_refused(tmp_path: Path) -> None:
         pool.shutdown()
         device.close()
         proxy.close()
+
+
+def test_a_node_starts_on_a_registry_from_before_device_keys(tmp_path: Path) -> None:
+    """A registry file of an earlier version (no key columns) is migrated at start: its
+    devices keep their prefixes, and are not bound."""
+    import sqlite3
+
+    from tests.unit.test_registry import OLD_SCHEMA
+
+    state = tmp_path / "node"
+    state.mkdir()
+    db = sqlite3.connect(state / "registry.sqlite3")
+    db.executescript(OLD_SCHEMA.replace("old-phone", "f1e1dd-old").replace("oldph", "oldpx"))
+    db.close()
+    proxy = ProxyThread(node_settings(state))
+    try:
+        device = FieldDevice(proxy.device_port, android_id="f1e1dd-old").start()
+        assert device.prefix == "oldpx"
+        device.stop()
+        assert not device.errors
+    finally:
+        proxy.close()
+    code = "import sys; from swiftftp.cli import proxy_main; sys.exit(proxy_main())"
+    done = subprocess.run([sys.executable, "-c", code, "devices", "--state-dir", str(state), "show", "oldpx"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "not bound" in done.stdout and "quota" in done.stdout
