@@ -422,3 +422,28 @@ def test_a_node_starts_on_a_registry_from_before_device_keys(tmp_path: Path) -> 
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "not bound" in done.stdout and "quota" in done.stdout
+
+
+def test_a_tls_device_port_with_an_unusable_certificate_stops_the_node(tmp_path: Path) -> None:
+    """One line naming the setting; no registry left open, nothing listening."""
+    from swiftftp.errors import ConfigError
+    from swiftftp.node import ProxyNode
+
+    certs = tlscerts.make()
+    (tmp_path / "expired.pem").write_bytes(certs.expired)
+    (tmp_path / "node.key").write_bytes(certs.key)
+    from swiftftp import relay
+
+    relay.get_backend("rust")  # its engine's threads and epoll fds: for the whole process
+    base = fd_targets()
+    settings = node_settings(tmp_path / "node", tls_device_port=free_port(), relay_backend="rust",
+                             tls_certificate=tmp_path / "expired.pem", tls_key=tmp_path / "node.key")
+    with pytest.raises(ConfigError) as info:
+        ProxyNode(settings)
+    assert str(info.value).startswith(f"tls.certificate: {tmp_path / 'expired.pem'}: ")
+    assert "\n" not in str(info.value)
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="TLS needs the rust relay backend"):
+        ProxyNode(replace(settings, relay_backend="python"))
+    wait_for_fds(base)
