@@ -39,6 +39,10 @@ log = logging.getLogger("swiftftp.devices")
 #: Reported as the quota of a device that has none: the largest integer every JSON reader keeps.
 UNLIMITED_QUOTA = 2**53 - 1
 
+#: How often a device on the TLS device port (swiftftp-agent) sends ``noop`` at least;
+#: its command session is closed after three times that (or three keepalives) of silence.
+DEVICE_NOOP_INTERVAL = 45.0
+
 _REPLY_OK = encode({})
 _NOOP = encode({"action": "noop"})
 
@@ -180,6 +184,12 @@ class CommandSession:
         if self._closed:
             return None
         interval = self.node.settings.keepalive_interval
+        silence = 3 * max(interval, DEVICE_NOOP_INTERVAL)
+        if self.tls and now - self.last_recv > silence:
+            # Over TLS the socket's peer is the relay, whose acknowledgements say nothing
+            # of the device's: a device there (the agent) must be heard from instead.
+            self.close(f"nothing from the device for {silence:g} s", "timeout")
+            return None
         quiet_since = max(self.last_recv, self.last_send)
         if now - quiet_since < interval:
             return quiet_since + interval

@@ -447,3 +447,42 @@ def test_a_tls_device_port_with_an_unusable_certificate_stops_the_node(tmp_path:
     with pytest.raises(ConfigError, match="TLS needs the rust relay backend"):
         ProxyNode(replace(settings, relay_backend="python"))
     wait_for_fds(base)
+
+
+def test_a_silent_device_on_the_tls_port_is_closed(tmp_path: Path) -> None:
+    """Over TLS the node's socket towards the session is the relay's, whose
+    acknowledgements say nothing of the device's: a command session there that sends
+    nothing for three times the agent's noop interval (45 s), or three keepalives if
+    longer, is closed, as an unacknowledged noop closes a plain one. (The keepalive
+    wheel is driven here with a clock moved on: ``tick(now)``.)"""
+    import ssl
+
+    from swiftftp.command import DEVICE_NOOP_INTERVAL
+
+    certs = tlscerts.make()
+    (tmp_path / "node.pem").write_bytes(certs.chain)
+    (tmp_path / "node.key").write_bytes(certs.key)
+    proxy = ProxyThread(node_settings(
+        tmp_path / "node", tls_certificate=tmp_path / "node.pem", tls_key=tmp_path / "node.key",
+        tls_device_port=free_port(), relay_backend="rust"))
+    context = ssl.create_default_context(cadata=certs.ca.decode())
+    raw = socket.create_connection(("127.0.0.1", proxy.node.tls_device_port), timeout=10)
+    try:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(json.dumps(login("silent-tls-device", json_stream=True)).encode())
+            assert json.loads(tls.recv(4096)) == {}
+            tls.sendall(b'{"action": "start_command_session"}')
+            prefix = json.loads(tls.recv(4096))["prefix"]
+            session = proxy.run(lambda node: node.online(prefix).command)
+            heard = session.last_recv
+            silence = 3 * max(proxy.node.settings.keepalive_interval, DEVICE_NOOP_INTERVAL)
+            assert proxy.run(lambda node: session.tick(heard + silence - 1)) is not None
+            assert proxy.run(lambda node: node.command_sessions) == 1
+            assert proxy.run(lambda node: session.tick(heard + silence + 1)) is None
+            assert proxy.run(lambda node: node.command_sessions) == 0
+            tls.settimeout(10)
+            while tls.recv(4096):  # the noop the first tick sent, then the close
+                pass
+    finally:
+        raw.close()
+        proxy.close()
