@@ -308,10 +308,16 @@ def test_agent_over_tls_verifies_the_node(tmp_path: Path) -> None:
     site = start_site(tmp_path, tls=certs)
     try:
         base = baseline(site)
+
+        def agent_fds() -> int:  # the agent's TLS pumps and socket pairs end with their connections
+            return len(os.listdir(f"/proc/{site.agent.proc.pid}/fd"))
+
+        agent_base = agent_fds()
         assert site.proxy.run(lambda node: node.online(site.prefix).command.tls)
         round_trip(site, passive=True, name="tls-passive.bin")
         round_trip(site, passive=False, name="tls-active.bin")
         settle(site, base)
+        wait_until(lambda: agent_fds() <= agent_base, 10, "the agent's descriptors back to its baseline")
         assert failures(site) == 0
         device = FieldDevice(site.proxy.device_port, android_id="plain-beside-tls").start()
         assert device.prefix
@@ -485,4 +491,39 @@ def test_a_silent_device_on_the_tls_port_is_closed(tmp_path: Path) -> None:
                 pass
     finally:
         raw.close()
+        proxy.close()
+
+
+def test_sighup_reloads_the_tls_device_certificate(tmp_path: Path) -> None:
+    """A renewed certificate (here: from another CA) is used for new TLS connections
+    once the node reloads; a pair that does not load is logged and the old one stays."""
+    import ssl
+
+    old, new = tlscerts.make(), tlscerts.make()
+    (tmp_path / "node.pem").write_bytes(old.chain)
+    (tmp_path / "node.key").write_bytes(old.key)
+    proxy = ProxyThread(node_settings(
+        tmp_path / "node", tls_certificate=tmp_path / "node.pem", tls_key=tmp_path / "node.key",
+        tls_device_port=free_port(), relay_backend="rust"))
+
+    def handshake(ca: bytes) -> str:
+        context = ssl.create_default_context(cadata=ca.decode())
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.node.tls_device_port), timeout=10) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost"):
+                return "ok"
+        except ssl.SSLCertVerificationError as exc:
+            return exc.verify_message
+
+    try:
+        assert handshake(old.ca) == "ok"
+        (tmp_path / "node.pem").write_bytes(new.chain)
+        (tmp_path / "node.key").write_bytes(new.key)
+        proxy.run(lambda node: node.reload_tls())
+        assert handshake(new.ca) == "ok"
+        assert handshake(old.ca) != "ok"
+        (tmp_path / "node.pem").write_bytes(new.expired)  # a bad renewal: the good pair stays
+        proxy.run(lambda node: node.reload_tls())
+        assert handshake(new.ca) == "ok"
+    finally:
         proxy.close()
