@@ -461,7 +461,8 @@ def test_agent_unit(tmp_path: Path) -> None:
     [exec_start] = re.findall(r"^ExecStart=(.*)$", text, re.M)
     [environment] = re.findall(r"^Environment=(.*)$", text, re.M)
     defaults = dict(pair.split("=", 1) for pair in environment.split())
-    argv = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], exec_start).split()
+    # ${VAR}: one word; $VAR: split into words, none when empty (systemd.service(5))
+    argv = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m[1] or m[2]], exec_start).split()
     assert argv[0] == "/opt/swiftftp/bin/swiftftp-agent"
     args = agent_parser().parse_args(argv[1:])
     assert (args.proxy, args.ftp, args.user, args.state_dir) == (
