@@ -184,16 +184,19 @@ class AgentProcess:
 
     def __init__(self, proxy: ProxyThread, ftp_host: str, ftp_port: int, state_dir: Path | None,
                  backend: str | None = None, *, user: str = FTP_USER, wait: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int | None = None,
+                 extra: list[str] | None = None) -> None:
         host = proxy.node.settings.listen
         code = "import sys; from swiftftp.cli import agent_main; sys.exit(agent_main())"
-        argv = [sys.executable, "-c", code, "--proxy", f"{bracketed(host)}:{proxy.device_port}",
+        port = port or proxy.device_port  # another device port of the node (its TLS one)
+        argv = [sys.executable, "-c", code, "--proxy", f"{bracketed(host)}:{port}",
                 "--ftp", f"{bracketed(ftp_host)}:{ftp_port}",
                 "--client-port", str(proxy.ftp_port), "--user", user]
         if state_dir is not None:  # else its default, under $XDG_STATE_HOME or ~/.local/state
             argv += ["--state-dir", str(state_dir)]
         if backend:
             argv += ["--relay", backend]
+        argv += extra or []
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWIFTFTP_")} | (env or {})
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, env=env)

@@ -1,5 +1,5 @@
 """The node's local control socket (``<state_dir>/control.sock``, mode 0600), through
-which ``swiftftp-proxy devices message`` reaches a running node.
+which ``swiftftp-proxy devices message`` (and ``online``, ``unbind``) reach a running node.
 
 One JSON request per line, one JSON reply per line: ``{"command": "message",
 "prefix": "abcde", "text": "…"}`` → ``{"ok": true}`` or ``{"ok": false, "error": "…"}``.
@@ -47,6 +47,13 @@ async def _execute(node: Node, request: dict[str, Any]) -> dict[str, Any]:
             return {"ok": False, "error": f"device {prefix!r} is not online on this node"}
         device.command.notify(notice(text))
         logs.event(log, "device_message", prefix=prefix.lower(), text=text)
+        return {"ok": True}
+    if command == "forget_key":  # `devices unbind` changed the registry file: read it again
+        android_id = request.get("android_id")
+        if not isinstance(android_id, str):
+            return {"ok": False, "error": "forget_key needs android_id"}
+        node.registry.forget_key(android_id)
+        logs.event(log, "device_unbound", android_id=android_id)
         return {"ok": True}
     if command == "online":
         table = node.table

@@ -39,6 +39,7 @@ from .config import (
     resolve,
 )
 from .errors import ConfigError, FleetError, RegistryError
+from .identity import fingerprint
 from .net import bracketed
 
 log = logging.getLogger("swiftftp")
@@ -176,8 +177,8 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(str(exc), 1)
     except (sqlite3.Error, OSError) as exc:
         return _fail(f"cannot open the registry {settings.registry_path} (node.state_dir): {exc}", 1)
-    except ConfigError as exc:  # the TLS pair changed since the check (config.check_environment)
-        return _fail(f"config error: {exc}")
+    except ConfigError as exc:  # the [tls] certificate and key (changed since the check?)
+        return _config_errors(exc.issues)
     except (ImportError, ValueError) as exc:
         return _fail(f"relay backend {settings.relay_backend or 'rust'} unavailable (node.relay): {exc}", 1)
     try:
@@ -190,7 +191,8 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(f"cannot join the fleet: {exc}", 1)
     node.stats.listening = True
     logs.event(log, "file_descriptor_limit", soft=fd_limit)
-    serving = (f"FTP clients port {node.ftp_port}, devices port {node.device_port}, "
+    tls_port = f", devices TLS port {node.tls_device_port}" if node.device_tls is not None else ""
+    serving = (f"FTP clients port {node.ftp_port}, devices port {node.device_port}{tls_port}, "
                f"relay {node.backend.name}")
 
     def reload() -> None:
@@ -414,6 +416,7 @@ def _devices(args: argparse.Namespace) -> int:
                 ("usage period", period), ("used", f"{used} ({human_bytes(used)})"),
                 ("quota", f"{quota or 'unlimited'} ({source})"),
                 ("upload rate", _rate(record.upload_rate)), ("download rate", _rate(record.download_rate)),
+                ("identity", _identity(record.public_key, record.key_bound)),
             ):
                 print(f"{key:<14} {value}")
         elif args.action == "set-quota":
@@ -426,6 +429,20 @@ def _devices(args: argparse.Namespace) -> int:
             registry.set_rates(record.android_id, up, down)
             print(f"{record.prefix}: upload {_rate(up)}, download {_rate(down)} "
                   "(a running node applies it on SIGHUP or the device's next connection)")
+        elif args.action == "unbind":
+            if record.public_key is None:
+                print(f"{record.prefix}: not bound to a key; nothing to do")
+                return 0
+            registry.unbind(record.android_id)
+            try:  # a running node keeps the key in memory: tell it
+                reply = admin.request(admin.socket_path(settings.state_dir),
+                                      {"command": "forget_key", "android_id": record.android_id}, timeout=5)
+                running = "" if reply.get("ok") else f" (the running node said: {reply.get('error')})"
+            except admin.AdminError:
+                running = ""  # no node running here: the next one reads the file
+            print(f"{record.prefix}: unbound from key {fingerprint(record.public_key)}; the next login "
+                  f"of device id {record.android_id} is accepted without proof, and binds the key it "
+                  f"presents{running}")
         elif args.action == "reset-usage":
             registry.reset_usage(record.android_id, period)
             print(f"{record.prefix}: usage for {period} reset to 0")
@@ -438,6 +455,14 @@ def _devices(args: argparse.Namespace) -> int:
         return _fail(f"registry {settings.registry_path}: {exc}", 1)
     finally:
         registry.close()
+
+
+def _identity(key: str | None, since: float | None) -> str:
+    """``devices show``'s identity line: bound (the key's fingerprint) or not."""
+    if key is None:
+        return "not bound (whoever logs in with this device id is taken for it)"
+    when = f" since {time.ctime(since)}" if since else ""
+    return f"bound to key {fingerprint(key)}{when}"
 
 
 def _rate(value: int | None, human: bool = False) -> str:
@@ -486,7 +511,7 @@ def proxy_parser() -> argparse.ArgumentParser:
     stats.add_argument("--stats-listen", metavar="ADDR:PORT", help="the node's stats address")
     stats.add_argument("--json", action="store_true", help="print the raw JSON of /stats")
     devices = sub.add_parser(
-        "devices", help="the device registry: quotas, rates, usage, messages",
+        "devices", help="the device registry: quotas, rates, usage, messages, keys",
         description="Read and change the device registry (<state_dir>/registry.sqlite3).",
     )
     where = argparse.ArgumentParser(add_help=False)  # accepted before and after the action
@@ -503,10 +528,11 @@ def proxy_parser() -> argparse.ArgumentParser:
         "set-rate": "per-device rate override in bytes/s, or back to 'default'",
         "reset-usage": "zero a device's usage for this period",
         "message": "show a notice on an online device (through the running node)",
+        "unbind": "forget the key bound to a device id (its next login binds the key it presents)",
     }
     parsers = {name: dsub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
                                      parents=[where]) for name, text in actions.items()}
-    for name in ("show", "set-quota", "set-rate", "reset-usage"):
+    for name in ("show", "set-quota", "set-rate", "reset-usage", "unbind"):
         parsers[name].add_argument("key", metavar="PREFIX|ID", help="the device's prefix or device id")
     parsers["set-quota"].add_argument("bytes", metavar="BYTES|default",
                                       help="bytes per period (1500000, 1.5M, 10GiB), 0 unlimited")
@@ -544,6 +570,11 @@ def agent_parser() -> argparse.ArgumentParser:
                         help="the proxy's FTP port, for the printed URL (default 2121)")
     parser.add_argument("--user", default="anonymous", help="FTP user for the printed URL")
     parser.add_argument("--relay", choices=["rust", "python"], help="relay backend (default rust when built)")
+    parser.add_argument("--tls", action="store_true",
+                        help="dial the node over TLS (its [tls] device_port) and verify its certificate")
+    parser.add_argument("--ca", metavar="FILE",
+                        help="with --tls: verify the node against this CA certificate (PEM) instead of "
+                             "the system's CAs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -621,6 +652,7 @@ def _demo_main(args: argparse.Namespace) -> int:
 
 def agent_main(argv: list[str] | None = None) -> int:
     from .agent import Agent, AgentSettings, StateDirLocked, default_state_dir, legacy_state_dir
+    from .identity import KeyFileError
 
     args = agent_parser().parse_args(argv)
     try:
@@ -628,12 +660,22 @@ def agent_main(argv: list[str] | None = None) -> int:
         ftp = parse_host_port(args.ftp)
     except ValueError as exc:
         return _fail(str(exc), 2, "swiftftp-agent")
+    if args.ca and not args.tls:
+        return _fail("--ca needs --tls", 2, "swiftftp-agent")
+    tls = None
+    if args.tls:
+        import ssl
+
+        try:  # with a CA file, only that CA is trusted; else the system's
+            tls = ssl.create_default_context(cafile=args.ca)
+        except (OSError, ssl.SSLError) as exc:
+            return _fail(f"--ca {args.ca}: {getattr(exc, 'strerror', None) or exc}", 2, "swiftftp-agent")
     logs.setup("plain", args.verbose)
     settings = AgentSettings(
         proxy_host=proxy[0], proxy_port=proxy[1], ftp_host=ftp[0], ftp_port=ftp[1],
         state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
         client_port=args.client_port, user=args.user, relay_backend=args.relay,
-        servers_url=args.servers,
+        servers_url=args.servers, tls=tls,
         # the id an older agent kept in the node's directory by default: same prefix after an upgrade
         legacy_state_dir=None if args.state_dir else legacy_state_dir(),
     )
@@ -651,7 +693,7 @@ def agent_main(argv: list[str] | None = None) -> int:
 
     try:
         return aio.run(main())
-    except StateDirLocked as exc:
+    except (StateDirLocked, KeyFileError) as exc:
         return _fail(str(exc), 1, "swiftftp-agent")
     except KeyboardInterrupt:
         return _fail("interrupted", 1, "swiftftp-agent")

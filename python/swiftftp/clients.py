@@ -23,7 +23,7 @@ from . import aio
 from .channel import DeviceChannel
 from .command import CommandSession
 from .control import ControlRelay
-from .devices import login
+from .devices import login, wrap_device_tls
 from .errors import Busy, PeerClosed, ProtocolError
 from .ftp import (
     GREETING,
@@ -373,6 +373,8 @@ async def _candidate(
     from writing control_connection_waiting to this connection (outbox.rendezvous_grace)."""
     s = node.settings
     grace = s.device_grace if reaction is None else rendezvous_grace(reaction, s.device_grace)
+    if command.tls:  # a device on the TLS port takes its clients over TLS too
+        sock = wrap_device_tls(node, sock)
     chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=grace)
     try:
         async with asyncio.timeout(s.device_login_timeout):

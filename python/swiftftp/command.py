@@ -39,6 +39,10 @@ log = logging.getLogger("swiftftp.devices")
 #: Reported as the quota of a device that has none: the largest integer every JSON reader keeps.
 UNLIMITED_QUOTA = 2**53 - 1
 
+#: How often a device on the TLS device port (swiftftp-agent) sends ``noop`` at least;
+#: its command session is closed after three times that (or three keepalives) of silence.
+DEVICE_NOOP_INTERVAL = 45.0
+
 _REPLY_OK = encode({})
 _NOOP = encode({"action": "noop"})
 
@@ -49,13 +53,21 @@ class CommandSession:
     __slots__ = (
         "node", "device", "sock", "peer", "ip", "group", "info", "outbox", "bytes_in", "bytes_out",
         "last_recv", "last_send", "_decoder", "_loop", "_timer", "_wbuf", "_closed", "_closing",
+        "key", "token", "tls",
     )
 
     def __init__(
         self, node: Node, device: Device, sock: socket.socket, peer: str, *, paced: bool, early: bytes = b"",
-        ip: str,
+        ip: str, key: str | None = None, token: str | None = None, tls: bool = False,
     ) -> None:
         self.node = node
+        #: The key the device proved at login (None: a device without a key).
+        self.key = key
+        #: What the session's rendezvous and data connections show instead of a
+        #: signature (docs/protocol.md, "Device proof of identity"); None without a key.
+        self.token = token
+        #: The device came through the TLS device port: its rendezvous are TLS too.
+        self.tls = tls
         self.device = device
         self.sock = sock
         self.peer = peer
@@ -92,7 +104,10 @@ class CommandSession:
         self.info = node.open_session("command", device, self.peer)
         self.info.counters = lambda: (self.bytes_in, self.bytes_out)
         self._loop.add_reader(self.sock.fileno(), self._on_readable)
-        self.outbox.reply(encode({"prefix": device.prefix}))
+        reply: dict[str, Any] = {"prefix": device.prefix}
+        if self.token is not None:
+            reply["token"] = self.token
+        self.outbox.reply(encode(reply))
         self._pump()
         node.keepalives.add(self, self.last_recv + node.settings.keepalive_interval)
         if self.bytes_in:
@@ -169,6 +184,12 @@ class CommandSession:
         if self._closed:
             return None
         interval = self.node.settings.keepalive_interval
+        silence = 3 * max(interval, DEVICE_NOOP_INTERVAL)
+        if self.tls and now - self.last_recv > silence:
+            # Over TLS the socket's peer is the relay, whose acknowledgements say nothing
+            # of the device's: a device there (the agent) must be heard from instead.
+            self.close(f"nothing from the device for {silence:g} s", "timeout")
+            return None
         quiet_since = max(self.last_recv, self.last_send)
         if now - quiet_since < interval:
             return quiet_since + interval

@@ -67,6 +67,12 @@ class Settings:
     fleet_heartbeat: float = 30.0
     fleet_servers_key: str = "servers"
 
+    # [tls]: the node's certificate and key (PEM files), and the TLS device port.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: Devices that dial over TLS (swiftftp-agent --tls) come here; 0 = off.
+    tls_device_port: int = 0
+
     # [timeouts], seconds (docs/protocol.md: 2 min client login, 10 s device login, 30 min silence).
     client_login_timeout: float = 120.0
     device_login_timeout: float = 10.0
@@ -358,6 +364,7 @@ def _options() -> list[Option]:
         ("require", "tls_require", _bool, False),
         ("require_data_protection", "tls_require_data_protection", _bool, False),
         ("require_session_reuse", "tls_require_session_reuse", _bool, False),
+        ("device_port", "tls_device_port", _int(0, 65535), False),
     ]
     return (
         [Option("node", k, a, p) for k, a, p in node]
@@ -674,7 +681,7 @@ def _check_tls(s: Settings, source: Callable[[str], str]) -> list[str]:
     the TLS engine takes (not expired, the key matching), and a relay that can do TLS."""
     issues = []
     if not (s.tls_certificate or s.tls_key):
-        for attr in ("tls_implicit_port", "tls_require", "tls_require_data_protection"):
+        for attr in ("tls_implicit_port", "tls_require", "tls_require_data_protection", "tls_device_port"):
             if getattr(s, attr):
                 key = _BY_ATTR[attr].key
                 issues.append(f"tls.{key}: needs tls.certificate and tls.key ({source(attr)})")
@@ -682,13 +689,20 @@ def _check_tls(s: Settings, source: Callable[[str], str]) -> list[str]:
     if not (s.tls_certificate and s.tls_key):
         missing = "tls.key" if s.tls_certificate else "tls.certificate"
         attr = "tls_certificate" if s.tls_certificate else "tls_key"
-        return [f"{missing}: missing; tls.{_BY_ATTR[attr].key} is set ({source(attr)})"]
+        issues.append(f"{missing}: missing; tls.{_BY_ATTR[attr].key} is set ({source(attr)})")
+        path = getattr(s, attr)
+        if not os.access(path, os.R_OK):
+            issues.append(f"tls.{_BY_ATTR[attr].key}: cannot read {path} ({source(attr)})")
+        return issues
     from . import tls
 
     try:
         tls.load_pair(s)
     except ConfigError as exc:
         issues.append(f"{exc} ({source('tls_certificate')})")
+    if s.tls_device_port and s.tls_device_port in (s.ftp_port, s.device_port, s.tls_implicit_port):
+        issues.append(f"tls.device_port: {s.tls_device_port} is already another of the node's ports "
+                      f"({source('tls_device_port')})")
     if s.tls_implicit_port and s.tls_implicit_port in (s.ftp_port, s.device_port):
         issues.append(f"tls.implicit_port: {s.tls_implicit_port} is already node.ftp_port or "
                       f"node.device_port ({source('tls_implicit_port')})")

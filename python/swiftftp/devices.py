@@ -14,6 +14,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from . import aio, logs
@@ -21,7 +22,8 @@ from .channel import DeviceChannel
 from .command import CommandSession
 from .errors import Busy, ErrorCode, PeerClosed, ProtocolError
 from .ftp import Ftps
-from .net import accept_first, bracketed, dial, normalize_ip
+from .identity import b64, new_challenge, new_token, parse_public_key, same_token, verify
+from .net import accept_first, bracketed, close_gracefully, dial, normalize_ip
 from .protocol import action_of, error, field
 from .registry import AccountExists
 from .state import Device, Node
@@ -47,6 +49,9 @@ class Login:
     prefix: str
     #: The device decodes a byte stream of objects (``"json_stream": true``): no pacing.
     stream: bool
+    #: The key this login proved the device holds (a challenge it signed, or its
+    #: command session's token); None for a device without a key.
+    key: str | None = None
 
 
 async def login(node: Node, chan: DeviceChannel, expected: str | None = None) -> Login:
@@ -66,6 +71,7 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
         if expected is not None and android_id != expected:
             raise ProtocolError(ErrorCode.BAD_CREDENTIALS, "not the device expected here")
         stream = message.get("json_stream") is True
+        key, signed = await prove(node, chan, message, android_id)
         if action != "authenticate" and node.registry.lookup(android_id, seen=False) is None:
             ip, port = chan.peer
             ip = normalize_ip(ip)
@@ -86,14 +92,126 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
         else:
             field(message, "swiftp_version", str, required=False)
         prefix = await node.prefix_for(android_id)
+        if signed and key is not None and node.registry.key_of(android_id) is None:  # first use
+            if not node.registry.bind(android_id, key):  # another key was bound meanwhile
+                await refuse_identity(node, chan, android_id, "this device id is bound to another key")
+            logs.event(log, "device_bound", prefix=prefix, peer=_where(chan))
         chan.paced = not stream
         await chan.send({})
-        return Login(android_id, prefix, stream)
+        return Login(android_id, prefix, stream, key)
 
 
-async def handle_device(node: Node, sock: socket.socket, address: tuple) -> bool:
+def _where(chan: DeviceChannel) -> str:
+    ip, port = chan.peer
+    return f"{bracketed(normalize_ip(ip))}:{port}"
+
+
+async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str) -> tuple[str | None, bool]:
+    """Check the login's proof of identity (docs/protocol.md, "Device proof of identity"):
+    the key it proved (None for a device id without a key that offers none), and whether
+    it signed a challenge just now (only that binds a key: a token shown after an
+    operator's ``devices unbind`` must not bind the old key again).
+
+    * ``token``: the token of the device's command session open on this node (the
+      rendezvous and data connections of that session: no round trip);
+    * ``key``: the node sends ``{"challenge"}``, the device answers ``login_proof``
+      with its signature. An unbound id is bound to the key later in :func:`login`,
+      once it has a prefix;
+    * neither: accepted only for an id that is not bound.
+
+    A login that fails is refused with error 16, counted against its address like a
+    failed FTP login, and answered after ``failure_delay``."""
+    token = field(message, "token", str, required=False)
+    offered = field(message, "key", str, required=False)
+    bound = node.registry.key_of(android_id)
+    if token is not None:
+        device = node.table.by_id.get(android_id)
+        command = device.command if device is not None else None
+        if command is None or not same_token(token, command.token):
+            await refuse_identity(node, chan, android_id,
+                                  "session token not valid (no command session of this device here)")
+        assert command is not None
+        return command.key, False
+    if offered is None and bound is None:
+        return None, False  # a device without a key (every field device): today's behaviour
+    ip = normalize_ip(chan.peer[0])
+    if node.guard.locked(node.guard.group(ip)):
+        node.refuse("locked out", _where(chan), ip)
+        raise ProtocolError(ErrorCode.IDENTITY, "too many failed logins from this address; try again later")
+    if offered is None:
+        await refuse_identity(node, chan, android_id,
+                              "this device id is bound to a key: the login must prove it holds it")
+    assert offered is not None
+    try:
+        key = parse_public_key(offered)
+    except ValueError as exc:
+        raise ProtocolError(ErrorCode.MALFORMED,
+                            f"field 'key' must be an Ed25519 public key in base64: {exc}") from None
+    if bound is not None and key != bound:
+        await refuse_identity(node, chan, android_id, "this device id is bound to another key")
+    challenge = new_challenge()
+    await chan.send({"challenge": b64(challenge)})
+    answer = await chan.recv()
+    if answer.get("action") != "login_proof":
+        raise ProtocolError(ErrorCode.MALFORMED, "expected login_proof")
+    if not verify(key, android_id, challenge, field(answer, "signature", str)):
+        await refuse_identity(node, chan, android_id, "signature not valid")
+    return key, True
+
+
+async def refuse_identity(node: Node, chan: DeviceChannel, android_id: str, reason: str) -> None:
+    """Count a login that did not prove the device's identity against its address (the
+    guess lockout), pause ``failure_delay``, and raise error 16."""
+    ip = normalize_ip(chan.peer[0])
+    node.stats.login_failures += 1
+    prefix = node.registry.lookup(android_id, seen=False) or "-"
+    node.refuse("device identity not proven", f"{prefix} from {_where(chan)}: {reason}", ip)
+    node.guard.failure(ip, guess=False)
+    await asyncio.sleep(node.settings.failure_delay)
+    raise ProtocolError(ErrorCode.IDENTITY, f"device identity not proven: {reason}")
+
+
+async def handle_tls_device(node: Node, sock: socket.socket, address: tuple) -> bool:
+    """One connection on the TLS device port (``[tls] device_port``): TLS ends in the
+    relay (:meth:`~swiftftp.relay.Backend.wrap_tls`), and the plaintext is a device
+    connection like any other (:func:`handle_device`). Always True: ``sock`` belongs to
+    the relay now, and the plaintext end is closed here or by its command session."""
+    plain = wrap_device_tls(node, sock, address)
+    kept = False
+    try:
+        kept = await handle_device(node, plain, address, tls=True)
+    finally:
+        if not kept:
+            await close_gracefully(plain)
+    return True
+
+
+def wrap_device_tls(node: Node, sock: socket.socket, address: tuple | None = None) -> socket.socket:
+    """End a device's TLS in the relay (the node's ``[tls]`` certificate); the plaintext
+    socket. The TLS session is watched by a task of the node's until it ends."""
+    assert node.device_tls is not None
+    if address is None:
+        address = sock.getpeername()
+    peer = f"{bracketed(normalize_ip(address[0]))}:{address[1]}"
+    plain, relay = node.backend.wrap_tls(sock, node.device_tls,
+                                         handshake_timeout=node.settings.device_login_timeout)
+    node.spawn(_tls_ended(relay, peer), f"tls-{logs.session_id.get()}")
+    return plain
+
+
+async def _tls_ended(relay: Awaitable[object], peer: str) -> None:
+    """Wait for a device's TLS session to end; a failed handshake is logged here."""
+    with contextlib.suppress(asyncio.CancelledError):
+        try:
+            await relay
+        except (OSError, TimeoutError) as exc:
+            log.info("device %s: TLS: %s", peer, exc or type(exc).__name__)
+
+
+async def handle_device(node: Node, sock: socket.socket, address: tuple, *, tls: bool = False) -> bool:
     """One connection on the device port, from login to close; True if the socket was
-    kept (a command session now owns it), else the caller closes it."""
+    kept (a command session now owns it), else the caller closes it. ``tls``: it came
+    through the TLS device port (``sock`` carries the plaintext)."""
     s = node.settings
     chan = DeviceChannel(sock, send_timeout=s.send_timeout, grace=s.device_grace, peer=address[:2])
     ip = normalize_ip(address[0])
@@ -114,7 +232,7 @@ async def handle_device(node: Node, sock: socket.socket, address: tuple) -> bool
         device = node.device(who.android_id, who.prefix)
         try:
             if action == "start_command_session":
-                start_command_session(node, device, chan, peer, who, ip)
+                start_command_session(node, device, chan, peer, who, ip, tls=tls)
                 return True
             if action in ("data_pasv_listen", "data_port_connect"):
                 node.load_overrides(device)
@@ -148,15 +266,18 @@ async def handle_device(node: Node, sock: socket.socket, address: tuple) -> bool
 
 
 def start_command_session(
-    node: Node, device: Device, chan: DeviceChannel, peer: str, who: Login, ip: str
+    node: Node, device: Device, chan: DeviceChannel, peer: str, who: Login, ip: str, *, tls: bool = False
 ) -> None:
-    """Hand the connection over to a :class:`CommandSession` (no task of its own)."""
+    """Hand the connection over to a :class:`CommandSession` (no task of its own). A
+    device that proved a key gets a token for its session's other connections."""
     if node.draining:
         raise Busy("this node is shutting down")
     if device.command is None and node.table.online >= node.guard.capacity.command_sessions:
         raise Busy("too many devices on this node")
     sock, early = chan.detach()
-    CommandSession(node, device, sock, peer, paced=not who.stream, early=early, ip=ip).start()
+    token = new_token() if who.key is not None else None
+    CommandSession(node, device, sock, peer, paced=not who.stream, early=early, ip=ip,
+                   key=who.key, token=token, tls=tls).start()
 
 
 async def passive_data(node: Node, device: Device, chan: DeviceChannel, peer: str) -> None:

@@ -16,6 +16,8 @@ class ErrorCode(IntEnum):
     PASV_TIMEOUT = 13
     CONNECT_FAILED = 14
     OVER_QUOTA = 15
+    #: The device id is bound to a key and the login did not prove it holds it.
+    IDENTITY = 16
 
 
 class SwiftFTPError(Exception):

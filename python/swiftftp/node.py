@@ -18,7 +18,7 @@ from . import admin, logs, memory, relay
 from .clients import handle_client, handle_implicit
 from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
-from .devices import handle_device
+from .devices import handle_device, handle_tls_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
 from .fleet import Bucket, Membership, ServerList, SharedPrefixes
 from .limits import Capacity, Guard, Throttle
@@ -41,8 +41,20 @@ class ProxyNode:
 
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
-        self.registry = registry or Registry(settings.registry_path)
         self.backend = relay.get_backend(settings.relay_backend)
+        #: FTPS: the certificate, the policy; None without a certificate. ConfigError
+        #: with one line for a pair that cannot be used.
+        self.tls = NodeTls(settings) if settings.tls_certificate else None
+        if self.tls is not None and self.backend.name != "rust":
+            raise ConfigError("node.relay: the python relay cannot terminate TLS; use the rust relay "
+                              "or remove tls.certificate")
+        if settings.tls_device_port and self.tls is None:
+            raise ConfigError("tls.device_port: needs tls.certificate and tls.key")
+        #: The TLS device port's certificate: the same pair and session cache as FTPS;
+        #: None when that port is off.
+        self.device_tls: Any = self.tls.config if self.tls is not None and settings.tls_device_port else None
+        self.tls_device_port = settings.tls_device_port
+        self.registry = registry or Registry(settings.registry_path)
         self.throttle = Throttle(self.backend, settings)
         self.capacity = Capacity(settings)
         self.guard = Guard(settings, self.capacity)
@@ -71,12 +83,6 @@ class ProxyNode:
         self.stats_address: tuple[str, int] | None = None
         #: This node's place in the fleet; None outside a fleet.
         self.fleet: Membership | None = None
-        #: FTPS: the certificate, the policy; None without a certificate. ConfigError
-        #: with one line for a pair that cannot be used.
-        self.tls = NodeTls(settings) if settings.tls_certificate else None
-        if self.tls is not None and self.backend.name != "rust":
-            raise ConfigError("node.relay: the python relay cannot terminate TLS; use the rust relay "
-                              "or remove tls.certificate")
         self.implicit_port = 0
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -101,6 +107,16 @@ class ProxyNode:
             self.implicit_port = self._listeners[2].getsockname()[1]
         self.device_port = devices.getsockname()[1]
         self.ftp_port = clients.getsockname()[1]
+        tls_devices = None
+        if self.device_tls is not None:
+            try:
+                tls_devices = listen_on(s.listen, s.tls_device_port, backlog=512)
+            except OSError:
+                devices.close()
+                clients.close()
+                raise
+            self._listeners.append(tls_devices)
+            self.tls_device_port = tls_devices.getsockname()[1]
         try:
             if s.stats_listen:
                 server = await serve_http(self, *s.stats_listen)
@@ -121,6 +137,10 @@ class ProxyNode:
         self._accept(clients, handle_client, "ftp")
         if self.implicit_port:
             self._accept(self._listeners[2], handle_implicit, "ftps")
+        if tls_devices is not None:
+            self._accept(tls_devices, handle_tls_device, "dev")
+            log.info("devices over TLS on port %d (%s)", self.tls_device_port,
+                     ", ".join(self.device_tls.names) or "certificate without names")
         self.spawn(self.quota.run(), "quota-flush")
         self.spawn(sample_throughput(self), "throughput")
         self.spawn(self.refusals.run(), "refusals")
@@ -138,6 +158,13 @@ class ProxyNode:
             log.info("TLS: %s; explicit FTPS (AUTH TLS) on port %d%s%s; %s", describe(self.tls.config),
                      self.ftp_port, implicit, ", required" if s.tls_require else "",
                      RustBackend.tls_status())
+
+    def reload_tls(self) -> None:
+        """Read the ``[tls]`` pair again for new handshakes, FTPS and the TLS device port
+        (SIGHUP: a renewed certificate); a pair that does not load is logged and the old
+        one stays."""
+        if self.tls is not None:
+            self.tls.reload()  # the same paths too: certbot renews in place
 
     async def _join_fleet(self) -> None:
         """Share the bucket's prefix map, and put this node on the server list."""
@@ -264,14 +291,13 @@ class ProxyNode:
         for option in OPTIONS:
             if option.reloadable:
                 setattr(merged, option.attr, getattr(settings, option.attr))
-        if self.tls is not None:
-            self.tls.reload()  # the same paths too: certbot renews in place
         for device in self.devices.values():
             if device.overrides_loaded:  # the others read theirs at their first transfer
                 self._load_overrides(device)
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
         capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
         self.capacity.command_sessions, self.capacity.pending = capacity.command_sessions, capacity.pending
+        self.reload_tls()
         log.info("reloaded: %s", ", ".join(applied) or "nothing changed")
         return applied
 

@@ -140,6 +140,8 @@ class Registry:
         #: The fleet's prefix map; None: this registry allots prefixes alone.
         self.shared: SharedPrefixes | None = None
         self._prefixes: dict[str, str] = {}
+        #: Bound keys of the devices in ``_prefixes`` (only those that have one).
+        self._keys: dict[str, str] = {}
         self._seen: dict[str, float] = {}  # last_seen not yet written
         self._count = 0  # devices in the registry
         self._sidecar = None if self._memory else Path(self.path).with_name(SIDECAR)
@@ -226,7 +228,9 @@ class Registry:
                     last_seen REAL NOT NULL,
                     quota_bytes INTEGER,     -- NULL: the node's [quota] bytes
                     upload_rate INTEGER,     -- NULL: the node's [limits] device rates
-                    download_rate INTEGER
+                    download_rate INTEGER,
+                    public_key TEXT,         -- NULL: not bound (identity.py); base64 Ed25519
+                    key_bound REAL           -- when it was bound
                 );
                 CREATE TABLE IF NOT EXISTS usage (
                     android_id TEXT NOT NULL,
@@ -235,6 +239,7 @@ class Registry:
                     PRIMARY KEY (android_id, period)
                 );"""
             )
+            self._migrate(db)
         except sqlite3.Error as exc:
             damaged = getattr(exc, "sqlite_errorcode", None) in _DAMAGED
             hint = "; restore it from a backup" if damaged else ""
@@ -244,6 +249,16 @@ class Registry:
             self._identity = (info.st_dev, info.st_ino)
             if self._count and read_sidecar(self._sidecar) != self._count:
                 self._note_count()
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a registry made by an earlier version up to this schema (columns added
+        since: each with NULL for the rows already there, which means what it meant)."""
+        have = {row[1] for row in db.execute("PRAGMA table_info(devices)")}
+        for column, kind in _ADDED_COLUMNS:
+            if column not in have:
+                db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+                logs.event(log, "registry_migrated", column=column)
 
     def _note_count(self) -> None:
         """Write the device count to the sidecar (atomically; a failure is logged once)."""
@@ -351,11 +366,63 @@ class Registry:
 
     # ---- devices ----------------------------------------------------------------------
 
-    def _remember(self, android_id: str, prefix: str) -> str:
+    def _remember(self, android_id: str, prefix: str, key: str | None = None) -> str:
+        """Keep the device's prefix (and its bound key, if any) in memory: a device whose
+        prefix is here has its key in ``_keys`` or none."""
         if len(self._prefixes) >= CACHE_SIZE:
-            del self._prefixes[next(iter(self._prefixes))]  # the oldest entry
+            oldest = next(iter(self._prefixes))
+            del self._prefixes[oldest]
+            self._keys.pop(oldest, None)
         self._prefixes[android_id] = prefix
+        if key is not None:
+            self._keys[android_id] = key
         return prefix
+
+    # ---- device keys (identity.py) ---------------------------------------------------------
+
+    def key_of(self, android_id: str) -> str | None:
+        """The public key bound to the device id (base64), or None: unbound or unknown.
+        From memory once the device was seen, else one SELECT."""
+        if android_id in self._prefixes:
+            return self._keys.get(android_id)
+        with self._sql() as db:
+            row = db.execute(
+                "SELECT prefix, public_key FROM devices WHERE android_id = ?", (android_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        self._remember(android_id, row[0], row[1])
+        return row[1]
+
+    def bind(self, android_id: str, key: str) -> bool:
+        """Bind ``key`` to the device (known to the registry) unless it is bound already;
+        True if it is bound to ``key`` now."""
+        with self._sql() as db:
+            db.execute(
+                "UPDATE devices SET public_key = ?, key_bound = ?"
+                " WHERE android_id = ? AND public_key IS NULL",
+                (key, time.time(), android_id),
+            )
+            row = db.execute("SELECT prefix, public_key FROM devices WHERE android_id = ?",
+                             (android_id,)).fetchone()
+        if row is None:
+            return False
+        self._remember(android_id, row[0], row[1])
+        return row[1] == key
+
+    def unbind(self, android_id: str) -> None:
+        """Forget the device's key: its next login without proof is accepted (and a login
+        with a key binds that one)."""
+        with self._sql() as db:
+            db.execute("UPDATE devices SET public_key = NULL, key_bound = NULL WHERE android_id = ?",
+                       (android_id,))
+        self.forget_key(android_id)
+
+    def forget_key(self, android_id: str) -> None:
+        """Drop what memory holds of the device's key (another process unbound it): the
+        next login reads it from the file again."""
+        self._keys.pop(android_id, None)
+        self._prefixes.pop(android_id, None)
 
     def known(self, android_id: str) -> bool:
         return self.lookup(android_id, seen=False) is not None
@@ -366,10 +433,12 @@ class Registry:
         prefix = self._prefixes.get(android_id)
         if prefix is None:
             with self._sql() as db:
-                row = db.execute("SELECT prefix FROM devices WHERE android_id = ?", (android_id,)).fetchone()
+                row = db.execute(
+                    "SELECT prefix, public_key FROM devices WHERE android_id = ?", (android_id,)
+                ).fetchone()
             if row is None:
                 return None
-            prefix = self._remember(android_id, row[0])
+            prefix = self._remember(android_id, row[0], row[1])
         if seen:
             self._seen[android_id] = time.time()
         return prefix
@@ -428,10 +497,12 @@ class Registry:
             self._seen[android_id] = now
             return prefix
         with self._sql() as db:
-            row = db.execute("SELECT prefix FROM devices WHERE android_id = ?", (android_id,)).fetchone()
+            row = db.execute(
+                "SELECT prefix, public_key FROM devices WHERE android_id = ?", (android_id,)
+            ).fetchone()
             if row:
                 self._seen[android_id] = now
-                return self._remember(android_id, row[0])
+                return self._remember(android_id, row[0], row[1])
             if self.shared is None:
                 return self._remember(android_id, self._insert(android_id, None, now))
         prefix = self.shared.prefix_for(android_id, _candidate)  # not under the lock
@@ -549,7 +620,10 @@ class Registry:
             db.execute("DELETE FROM usage WHERE android_id = ? AND period = ?", (android_id, period))
 
 
-_COLUMNS = "android_id, prefix, created, last_seen, quota_bytes, upload_rate, download_rate"
+_COLUMNS = ("android_id, prefix, created, last_seen, quota_bytes, upload_rate, download_rate, "
+            "public_key, key_bound")
+#: Columns added to ``devices`` after its first version: (name, type), for :meth:`Registry._migrate`.
+_ADDED_COLUMNS = (("public_key", "TEXT"), ("key_bound", "REAL"))
 
 
 @dataclass(frozen=True)
@@ -563,3 +637,6 @@ class DeviceRecord:
     quota_bytes: int | None
     upload_rate: int | None
     download_rate: int | None
+    #: The bound Ed25519 public key (base64), None if the device id is not bound.
+    public_key: str | None = None
+    key_bound: float | None = None

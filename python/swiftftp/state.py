@@ -227,6 +227,8 @@ class Node(Protocol):
     quota: QuotaBook
     stats: Stats
     backend: Backend
+    #: The ``[tls]`` certificate for the TLS device port (a relay TLS config); None: off.
+    device_tls: Any
     table: DeviceTable
     sessions: set[Session]
     draining: bool

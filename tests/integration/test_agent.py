@@ -20,6 +20,7 @@ import pytest
 
 from swiftftp.agent import Agent, AgentSettings
 from swiftftp.cli import agent_parser
+from swiftftp.identity import load_or_create_key
 from tests.ftpservers import FtpServer, free_port_block, start_server
 from tests.helpers import fd_targets, wait_for_fds, wait_until
 from tests.stack import (
@@ -112,7 +113,7 @@ def test_default_state_dir_is_the_agents_own(tmp_path: Path) -> None:
     agent = AgentProcess(proxy, "127.0.0.1", ftpd.port, None, env={"XDG_STATE_HOME": str(state)})
     try:
         found = sorted(p.name for p in (state / "swiftftp-agent").iterdir())
-        assert found == ["agent-device-id", "agent.lock"]
+        assert found == ["agent-device-id", "agent-device-key", "agent.lock"]
         assert [p.name for p in state.iterdir()] == ["swiftftp-agent"]
     finally:
         assert agent.close() == 0
@@ -192,7 +193,9 @@ def test_agent_says_when_the_node_replaced_its_session(tmp_path: Path) -> None:
     proxy = ProxyThread(node_settings(tmp_path / "proxy"))
     first = AgentProcess(proxy, "127.0.0.1", ftpd.port, tmp_path / "one")
     (tmp_path / "two").mkdir()
-    shutil.copy(tmp_path / "one" / "agent-device-id", tmp_path / "two" / "agent-device-id")
+    # a cloned state directory: the id and its key (the id alone is refused: test_identity.py)
+    for name in ("agent-device-id", "agent-device-key"):
+        shutil.copy(tmp_path / "one" / name, tmp_path / "two" / name)
     device_id = (tmp_path / "one" / "agent-device-id").read_text().strip()
     try:
         second = AgentProcess(proxy, "127.0.0.1", ftpd.port, tmp_path / "two")
@@ -219,9 +222,11 @@ def test_two_agents_sharing_an_id_are_named(tmp_path: Path, caplog: pytest.LogCa
     (tmp_path / "root").mkdir()
     ftpd = FtpServerThread(tmp_path / "root")
     proxy = ProxyThread(node_settings(tmp_path / "proxy"))
+    load_or_create_key(tmp_path / "one")  # one key, copied with the id: a cloned state directory
     for name in ("one", "two"):
-        (tmp_path / name).mkdir()
+        (tmp_path / name).mkdir(exist_ok=True)
         (tmp_path / name / "agent-device-id").write_text("agent-shared\n")
+    shutil.copy(tmp_path / "one" / "agent-device-key", tmp_path / "two" / "agent-device-key")
     loop = LoopThread("agents")
     agents = [Agent(AgentSettings(proxy_host="127.0.0.1", proxy_port=proxy.device_port,
                                   ftp_host="127.0.0.1", ftp_port=ftpd.port, state_dir=tmp_path / name,
@@ -456,7 +461,8 @@ def test_agent_unit(tmp_path: Path) -> None:
     [exec_start] = re.findall(r"^ExecStart=(.*)$", text, re.M)
     [environment] = re.findall(r"^Environment=(.*)$", text, re.M)
     defaults = dict(pair.split("=", 1) for pair in environment.split())
-    argv = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], exec_start).split()
+    # ${VAR}: one word; $VAR: split into words, none when empty (systemd.service(5))
+    argv = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m[1] or m[2]], exec_start).split()
     assert argv[0] == "/opt/swiftftp/bin/swiftftp-agent"
     args = agent_parser().parse_args(argv[1:])
     assert (args.proxy, args.ftp, args.user, args.state_dir) == (

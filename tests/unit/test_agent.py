@@ -115,3 +115,29 @@ def test_reasons_are_short() -> None:
     assert describe(PeerClosed(closed)) == closed
     assert endpoint("::1", 21) == "[::1]:21"
     assert endpoint("127.0.0.1", 21) == "127.0.0.1:21"
+
+
+def test_tls_options_are_checked_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--ca`` needs ``--tls``; a CA file that does not load is one line, exit 2."""
+    from swiftftp.cli import agent_main
+
+    base = ["--proxy", "127.0.0.1:9", "--ftp", "127.0.0.1:9", "--state-dir", str(tmp_path / "s")]
+    assert agent_main([*base, "--ca", "ca.pem"]) == 2
+    assert capsys.readouterr().err == "swiftftp-agent: --ca needs --tls\n"
+    missing = tmp_path / "missing.pem"
+    assert agent_main([*base, "--tls", "--ca", str(missing)]) == 2
+    assert capsys.readouterr().err == f"swiftftp-agent: --ca {missing}: No such file or directory\n"
+    (tmp_path / "junk.pem").write_text("junk")
+    assert agent_main([*base, "--tls", "--ca", str(tmp_path / "junk.pem")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"swiftftp-agent: --ca {tmp_path / 'junk.pem'}: ") and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()  # nothing started
+
+
+def test_tls_failures_read_as_one_phrase() -> None:
+    import ssl
+
+    failure = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    failure.verify_message = "unable to get local issuer certificate"
+    assert describe(failure) == ("the node's TLS certificate does not verify: "
+                                 "unable to get local issuer certificate")

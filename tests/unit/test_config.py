@@ -240,3 +240,21 @@ def load_settings_from_text(text: str) -> Settings:
         f.write(text)
         f.flush()
         return load_settings(f.name, env={})
+
+
+def test_tls_device_port_needs_a_readable_certificate_and_key(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""\
+[node]
+state_dir = "{tmp_path / 'state'}"
+[tls]
+key = "{tmp_path / 'missing.key'}"
+device_port = 2223
+""")
+    done = check_config(path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"swiftftp-proxy: config error: tls.certificate: missing; tls.key is set ({path}:4)",
+        f"swiftftp-proxy: config error: tls.key: cannot read {tmp_path / 'missing.key'} ({path}:4)",
+    ]
+    settings = load_settings(path, env={})
+    assert (settings.tls_device_port, settings.tls_certificate) == (2223, None)

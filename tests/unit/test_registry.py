@@ -156,3 +156,53 @@ def test_a_registry_replaced_under_the_node(tmp_path: Path) -> None:
     path.rename(tmp_path / "moved.sqlite3")
     assert reg.verify() == "the file was removed while the node runs"
     reg.close()
+
+
+# ---- device keys, and a registry made by an earlier version ---------------------------------
+
+#: The devices table as the first versions made it (before device keys).
+OLD_SCHEMA = """CREATE TABLE devices (
+    android_id TEXT PRIMARY KEY, prefix TEXT NOT NULL UNIQUE, secret TEXT, created REAL NOT NULL,
+    last_seen REAL NOT NULL, quota_bytes INTEGER, upload_rate INTEGER, download_rate INTEGER);
+CREATE TABLE usage (android_id TEXT NOT NULL, period TEXT NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (android_id, period));
+INSERT INTO devices VALUES ('old-phone', 'oldph', NULL, 1.0, 2.0, 5000, NULL, NULL);
+INSERT INTO usage VALUES ('old-phone', '2026-11', 1234);"""
+
+
+def test_an_old_registry_gains_the_key_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "registry.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.close()
+    reg = Registry(path)
+    record = reg.find("oldph")
+    assert record is not None and record.prefix == "oldph" and record.quota_bytes == 5000
+    assert record.public_key is None and record.key_bound is None
+    assert reg.usage("old-phone", "2026-11") == 1234
+    assert reg.key_of("old-phone") is None
+    assert reg.bind("old-phone", "k" * 43 + "=")
+    reg.close()
+    again = Registry(path)  # migrated once; opening it again changes nothing
+    assert again.key_of("old-phone") == "k" * 43 + "="
+    assert again.prefix_for("old-phone") == "oldph"
+    again.close()
+
+
+def test_bind_is_first_come_and_unbind_forgets(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.prefix_for("agent-1")
+    assert reg.key_of("agent-1") is None and reg.key_of("nobody") is None
+    assert reg.bind("agent-1", "first")
+    assert not reg.bind("agent-1", "second")  # bound already: the first key stays
+    assert reg.key_of("agent-1") == "first"
+    other = Registry(tmp_path / "r.sqlite3")  # the CLI, in another process
+    other.unbind("agent-1")
+    other.close()
+    assert reg.key_of("agent-1") == "first"  # still in this one's memory…
+    reg.forget_key("agent-1")  # …until the node is told (admin socket)
+    assert reg.key_of("agent-1") is None
+    assert not reg.bind("nobody", "key")  # not in the registry: nothing to bind
+    reg.close()
