@@ -212,3 +212,90 @@ class Membership:
         logs.event(log, "fleet_left", host=self.host, servers=",".join(servers) or "-")
         self.servers = servers
         return [host for host in servers if host != self.host]
+
+
+#: Overrides an operator may set per device, kept fleet-wide in ``overrides/<id as hex>``.
+OVERRIDES = ("quota_bytes", "upload_rate", "download_rate")
+
+
+class SharedUsage:
+    """Quota usage and operators' overrides shared by the fleet (docs/design.md, "Fleet").
+
+    Layout, beside the prefix map::
+
+        usage/<period>/<id as hex>/<node host>   {"bytes": N}   that node's total for the period
+        overrides/<id as hex>                    {"quota_bytes": …, "upload_rate": …, "download_rate": …}
+
+    Each node writes only its own usage objects, so no two writers ever race on one
+    object; a device's usage is the sum of what a listing of its folder holds.  Every
+    method blocks on the network: a running node calls them from a thread.
+    """
+
+    def __init__(self, bucket: Bucket, host: str = "") -> None:
+        self.bucket = bucket
+        #: This node's name in the usage keys ("" for the CLI, which only reads and deletes).
+        self.host = host.replace("/", "_")
+
+    @staticmethod
+    def folder(period: str, android_id: str) -> str:
+        return f"usage/{period}/{android_id.encode().hex()}/"
+
+    def add(self, period: str, amounts: dict[str, int]) -> None:
+        """Add this node's new bytes to its own object of each device (read, add, write:
+        the object has no other writer; a reset deleted it, so it starts from 0 again)."""
+        for android_id, amount in amounts.items():
+            key = self.folder(period, android_id) + self.host
+            current = self.bucket.get(key) or {}
+            total = int(current.get("bytes", 0)) + amount
+            self.bucket.put(key, orjson.dumps({"bytes": total}))
+
+    def used(self, period: str, android_id: str) -> int:
+        """The device's usage in the period, summed over every node's object."""
+        folder = self.folder(period, android_id)
+        total = 0
+        for name, _ in self.bucket.listing(folder):
+            total += int((self.bucket.get(folder + name) or {}).get("bytes", 0))
+        return total
+
+    def all_used(self, period: str) -> dict[str, int]:
+        """Every device's usage in the period (``devices list``): device id → bytes."""
+        totals: dict[str, int] = {}
+        for name, _ in self.bucket.listing(f"usage/{period}/"):
+            device_hex, _, _node = name.partition("/")
+            try:
+                android_id = bytes.fromhex(device_hex).decode()
+            except ValueError:
+                continue  # not ours
+            found = self.bucket.get(f"usage/{period}/{name}") or {}
+            totals[android_id] = totals.get(android_id, 0) + int(found.get("bytes", 0))
+        return totals
+
+    def reset(self, period: str, android_id: str) -> int:
+        """Delete every node's usage object of the device for the period; how many."""
+        folder = self.folder(period, android_id)
+        names = [name for name, _ in self.bucket.listing(folder)]
+        for name in names:
+            self.bucket.delete(folder + name)
+        return len(names)
+
+    def overrides(self, android_id: str) -> dict[str, int | None] | None:
+        """The device's fleet-wide overrides; None if no operator ever set any."""
+        found = self.bucket.get(f"overrides/{android_id.encode().hex()}")
+        if found is None:
+            return None
+        return {name: found.get(name) for name in OVERRIDES}
+
+    def set_overrides(self, android_id: str, **changes: int | None) -> None:
+        """Change some of the device's overrides (None: back to the node's default)."""
+        current = self.overrides(android_id) or dict.fromkeys(OVERRIDES)
+        current.update(changes)
+        self.bucket.put(f"overrides/{android_id.encode().hex()}", orjson.dumps(current))
+
+    def android_id_for(self, prefix: str) -> str | None:
+        """The device holding ``prefix`` in the fleet's map (a device never seen here)."""
+        found = self.bucket.get(f"prefixes/{prefix}")
+        return None if found is None else found.get("android_id")
+
+    def prefix_of(self, android_id: str) -> str | None:
+        found = self.bucket.get(f"devices/{android_id.encode().hex()}")
+        return None if found is None else found.get("prefix")

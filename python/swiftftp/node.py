@@ -19,7 +19,7 @@ from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
-from .fleet import Bucket, Membership, ServerList, SharedPrefixes
+from .fleet import Bucket, Membership, ServerList, SharedPrefixes, SharedUsage
 from .limits import Capacity, Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
@@ -149,6 +149,8 @@ class ProxyNode:
         fleet = Membership(ServerList(bucket, host, ports, s.fleet_heartbeat, s.fleet_servers_key))
         await fleet.join()
         self.fleet = fleet
+        # quotas, usage and overrides fleet-wide: usage/<period>/<device>/<host>, overrides/<device>
+        self.quota.shared = SharedUsage(bucket, host)
         self.spawn(fleet.run(), "fleet-heartbeat")
         log.info("in the fleet of bucket %s as %s; servers: %s", bucket.name, host,
                  ", ".join(fleet.servers))
@@ -262,6 +264,9 @@ class ProxyNode:
         for device in self.devices.values():
             if device.overrides_loaded:  # the others read theirs at their first transfer
                 self._load_overrides(device)
+        if self.quota.shared is not None:  # and the fleet's, from a thread
+            loaded = [d.android_id for d in self.devices.values() if d.overrides_loaded]
+            self.spawn(self.quota.exchange(also=loaded), "fleet-reload")
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
         capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
         self.capacity.command_sessions, self.capacity.pending = capacity.command_sessions, capacity.pending
@@ -345,6 +350,13 @@ class ProxyNode:
         SIGHUP)."""
         if not device.overrides_loaded:
             self._load_overrides(device)
+
+    async def prepare_transfer(self, device: Device) -> None:
+        """Before a data connection: the device's overrides, and in a fleet, at its first
+        transfer here, its fleet-wide usage and overrides (read from a thread, bounded)."""
+        if not device.overrides_loaded:
+            self._load_overrides(device)
+            await self.quota.prepare(device)
 
     def _load_overrides(self, device: Device) -> None:
         device.overrides_loaded = True
