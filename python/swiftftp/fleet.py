@@ -1,10 +1,11 @@
 """A fleet of nodes sharing one S3 bucket (docs/design.md, "Fleet").
 
-Nodes share only two things, both kept in the bucket:
+Nodes share three things, all kept in the bucket:
 
 * the device id → prefix map, so a device keeps its prefix, and its user's
   bookmarked URL, on whichever node it logs in to (docs/protocol.md);
 * the public server list devices pick a node from, kept fresh by heartbeats.
+* quota usage and operators' per-device overrides (:class:`SharedUsage`).
 
 Layout, under an optional key prefix::
 
@@ -12,6 +13,8 @@ Layout, under an optional key prefix::
     prefixes/<prefix>             {"android_id": "..."}      the claim that keeps a prefix unique
     nodes/<host>                  {"host": ..., "ftp_port": ..., "device_port": ...}  heartbeat
     servers                       one host name per line: the nodes heard from lately
+    usage/<period>/<id as hex>/<host>  {"bytes": N}        written by that node only
+    overrides/<id as hex>         {"quota_bytes": …, "upload_rate": …, "download_rate": …}
 
 Conditional creation (``If-None-Match: *``, which AWS S3, MinIO, Ceph and moto
 honour) is what makes two nodes that see a new device at the same moment agree
