@@ -116,9 +116,7 @@ class QuotaBook:
         if self.shared is not None:
             period = self.period
             with self._lock:
-                if self._fleet_period != period:
-                    self._fleet, self._fleet_period = {}, period
-                stored = self._fleet.get(device.android_id, 0)
+                stored = self._cache(period).get(device.android_id, 0)
                 stored += self._unsent.get((period, device.android_id), 0)
             return stored + pending + running
         try:
@@ -221,10 +219,17 @@ class QuotaBook:
             self.fleet_error = None
             logs.event(log, "fleet_usage_recovered")
 
-    def _apply(self, figures: dict[str, int], overrides: dict[str, dict | None]) -> None:
+    def _cache(self, period: str) -> dict[str, int]:
+        """The fleet-wide figures of ``period`` (emptied when a new period begins); under
+        the lock."""
+        if self._fleet_period != period:
+            self._fleet, self._fleet_period = {}, period
+        return self._fleet
+
+    def _apply(self, period: str, figures: dict[str, int], overrides: dict[str, dict | None]) -> None:
         """Figures read from the bucket: the devices' sums and overrides."""
         with self._lock:
-            self._fleet.update(figures)
+            self._cache(period).update(figures)
         changed = []
         for android_id, record in overrides.items():
             device = self.node.devices.get(android_id)
@@ -277,7 +282,7 @@ class QuotaBook:
             return
         self._answered()
         if period == self.period:
-            self._apply(figures, overrides)
+            self._apply(period, figures, overrides)
 
     async def exchange(self, also: Iterable[str] = ()) -> None:
         """Send this node's counts to the bucket and read back the figures of the devices
@@ -305,7 +310,7 @@ class QuotaBook:
             return
         self._answered()
         if period == self.period:
-            self._apply(figures, overrides)
+            self._apply(period, figures, overrides)
         self._over = {android_id for android_id in self._over
                       if android_id in devices and self._still_over(devices[android_id])}
 
