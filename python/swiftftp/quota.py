@@ -272,6 +272,10 @@ class QuotaBook:
         waited for at most :data:`FIRST_READ_SECONDS` (this node's figures past it)."""
         if self.shared is None:
             return
+        if self.fleet_error is not None:
+            # S3 is away: no thread per new device waiting for it; the next exchange reads it
+            self._refresh.add(device.android_id)
+            return
         period = self.period
         try:
             async with asyncio.timeout(FIRST_READ_SECONDS):
@@ -300,6 +304,8 @@ class QuotaBook:
                    if s.device is not None and s.accounted is not None}
         self._refresh.clear()
         self._exchange = asyncio.ensure_future(asyncio.to_thread(self._send_and_read, period, wanted))
+        # retrieved even when nobody waits for it any more (past the timeout)
+        self._exchange.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             async with asyncio.timeout(EXCHANGE_SECONDS):
                 # shielded: the thread runs to its end anyway; the next exchange waits for it

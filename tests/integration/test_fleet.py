@@ -27,7 +27,7 @@ import pytest
 
 from swiftftp.agent import Agent, AgentSettings
 from swiftftp.quota import period_key
-from swiftftp.stats import snapshot
+from swiftftp.stats import human_bytes, snapshot
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
 from tests.stack import FTP_PASSWORD, FTP_USER, FtpServerThread, LoopThread, ProxyThread, node_settings
@@ -369,6 +369,11 @@ def test_overrides_and_resets_from_any_node_apply_fleet_wide(
         done = cli(config_a, "show", device.prefix)  # a's registry has never seen it
         assert done.returncode == 0, done.stderr
         assert re.search(rf"used\s+{used} ", done.stdout), done.stdout
+        # list: the devices this node's registry knows (b's), with the fleet's figures
+        done = cli(cli_config(tmp_path, b, bucket, s3_endpoint), "list")
+        assert done.returncode == 0, done.stderr
+        row = rf"^{device.prefix} +managed-phone +\S+ +{re.escape(human_bytes(used))} "
+        assert re.search(row, done.stdout, re.M), done.stdout
 
         done = cli(config_a, "set-quota", device.prefix, "100000")
         assert done.returncode == 0 and done.stdout == f"{device.prefix}: quota 100000\n", done
@@ -479,6 +484,7 @@ def test_an_unreachable_bucket_keeps_the_counts(
                 both_ways(a, device, "f.bin")
         wait_until(lambda: idle(a), 10)
         wait_until(lambda: a.run(lambda n: n.quota.fleet_error) is not None, 20, "the warning")
+        assert a.run(lambda n: snapshot(n)["fleet_usage_error"])
         used = {i: used_on(a, i) for i in ids}
         assert all(u > 3 * 250_000 for u in used.values()), used  # nothing forgotten
         assert all(fleet_used(bucket, i) < used[i] for i in ids)

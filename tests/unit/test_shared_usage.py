@@ -1,0 +1,71 @@
+"""The fleet's usage and overrides layout (fleet.SharedUsage) over an in-memory bucket:
+one object per device and node, summed on read, reset for every node at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from swiftftp.fleet import SharedUsage
+
+
+class MemoryBucket:
+    """What SharedUsage needs of fleet.Bucket, in a dict."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def get(self, key: str) -> Any:
+        return orjson.loads(self.objects[key]) if key in self.objects else None
+
+    def put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
+        self.objects[key] = body
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+    def listing(self, folder: str) -> list[tuple[str, Any]]:
+        return [(key[len(folder):], 0) for key in sorted(self.objects) if key.startswith(folder)]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a.test", "b.test:2223", "c/d"]),
+                          st.sampled_from(["phone", "tablet"]), st.integers(0, 10**12)), max_size=30))
+def test_each_node_writes_its_own_object_and_reads_the_sum(adds: list[tuple[str, str, int]]) -> None:
+    bucket = MemoryBucket()
+    nodes = {host: SharedUsage(bucket, host) for host in ("a.test", "b.test:2223", "c/d")}  # type: ignore[arg-type]
+    for host, device, amount in adds:
+        nodes[host].add("2026-11", {device: amount})
+    reader = SharedUsage(bucket)  # type: ignore[arg-type]
+    for device in ("phone", "tablet"):
+        expected = sum(amount for _, d, amount in adds if d == device)
+        assert reader.used("2026-11", device) == expected
+        assert reader.used("2026-10", device) == 0
+        writers = {host for host, d, _ in adds if d == device}
+        assert len(bucket.listing(SharedUsage.folder("2026-11", device))) == len(writers)
+    assert reader.all_used("2026-11") == {
+        d: sum(amount for _, dd, amount in adds if dd == d) for d in {d for _, d, _ in adds}
+    }
+
+
+def test_a_reset_deletes_every_nodes_object_and_counting_starts_again() -> None:
+    bucket = MemoryBucket()
+    a, b = SharedUsage(bucket, "a"), SharedUsage(bucket, "b")  # type: ignore[arg-type]
+    a.add("2026-11", {"phone": 100, "tablet": 7})
+    b.add("2026-11", {"phone": 50})
+    assert SharedUsage(bucket).reset("2026-11", "phone") == 2  # type: ignore[arg-type]
+    assert a.used("2026-11", "phone") == 0 and a.used("2026-11", "tablet") == 7
+    a.add("2026-11", {"phone": 5})  # counted after the reset: from 0 again
+    assert b.used("2026-11", "phone") == 5
+
+
+def test_overrides_change_one_field_at_a_time() -> None:
+    shared = SharedUsage(MemoryBucket())  # type: ignore[arg-type]
+    assert shared.overrides("phone") is None
+    shared.set_overrides("phone", quota_bytes=1000)
+    shared.set_overrides("phone", upload_rate=5, download_rate=None)
+    assert shared.overrides("phone") == {"quota_bytes": 1000, "upload_rate": 5, "download_rate": None}
+    shared.set_overrides("phone", quota_bytes=None)
+    assert shared.overrides("phone") == {"quota_bytes": None, "upload_rate": 5, "download_rate": None}
