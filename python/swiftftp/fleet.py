@@ -87,6 +87,24 @@ class Bucket:
         )
         return done is not None
 
+    def get_tagged(self, key: str) -> tuple[Any, str | None]:
+        """The object's JSON and ETag, or (None, None) if there is none."""
+        found = self._request("get_object", ("NoSuchKey", "404"), Key=self._prefix + key)
+        if found is None:
+            return None, None
+        return orjson.loads(found["Body"].read()), found["ETag"]
+
+    def replace(self, key: str, value: Any, etag: str) -> bool:
+        """Overwrite the object only if it is still the one with ``etag`` (``If-Match``);
+        False if it changed or is gone."""
+        done = self._request(
+            "put_object", ("PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict",
+                           "409"),
+            Key=self._prefix + key, Body=orjson.dumps(value), ContentType="application/json",
+            IfMatch=etag,
+        )
+        return done is not None
+
     def put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
         self._request("put_object", Key=self._prefix + key, Body=body, ContentType=content_type)
 
@@ -244,13 +262,19 @@ class SharedUsage:
         return f"usage/{period}/{android_id.encode().hex()}/"
 
     def add(self, period: str, amounts: dict[str, int]) -> None:
-        """Add this node's new bytes to its own object of each device (read, add, write:
-        the object has no other writer; a reset deleted it, so it starts from 0 again)."""
+        """Add this node's new bytes to its own object of each device.  Read, add, write
+        on the condition that the object is still the one read (``If-Match``, or
+        ``If-None-Match: *`` for a new one): only ``reset`` (the CLI) deletes it meanwhile,
+        and then the node starts again from 0, so a reset is never undone."""
         for android_id, amount in amounts.items():
             key = self.folder(period, android_id) + self.host
-            current = self.bucket.get(key) or {}
-            total = int(current.get("bytes", 0)) + amount
-            self.bucket.put(key, orjson.dumps({"bytes": total}))
+            for _ in range(5):
+                current, etag = self.bucket.get_tagged(key)
+                value = {"bytes": int((current or {}).get("bytes", 0)) + amount}
+                if self.bucket.create(key, value) if etag is None else self.bucket.replace(key, value, etag):
+                    break
+            else:
+                raise FleetError(f"S3 bucket {self.bucket.name!r}: {key} kept changing under this node")
 
     def used(self, period: str, android_id: str) -> int:
         """The device's usage in the period, summed over every node's object."""

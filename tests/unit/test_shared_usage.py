@@ -24,6 +24,23 @@ class MemoryBucket:
     def put(self, key: str, body: bytes, content_type: str = "application/json") -> None:
         self.objects[key] = body
 
+    def get_tagged(self, key: str) -> tuple[Any, str | None]:
+        if key not in self.objects:
+            return None, None
+        return orjson.loads(self.objects[key]), str(hash(self.objects[key]))
+
+    def create(self, key: str, value: Any) -> bool:
+        if key in self.objects:
+            return False
+        self.objects[key] = orjson.dumps(value)
+        return True
+
+    def replace(self, key: str, value: Any, etag: str) -> bool:
+        if key not in self.objects or str(hash(self.objects[key])) != etag:
+            return False
+        self.objects[key] = orjson.dumps(value)
+        return True
+
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
 
@@ -59,6 +76,25 @@ def test_a_reset_deletes_every_nodes_object_and_counting_starts_again() -> None:
     assert a.used("2026-11", "phone") == 0 and a.used("2026-11", "tablet") == 7
     a.add("2026-11", {"phone": 5})  # counted after the reset: from 0 again
     assert b.used("2026-11", "phone") == 5
+
+
+def test_a_reset_between_the_read_and_the_write_is_not_undone() -> None:
+    """The CLI deletes a node's object while that node adds to it: the conditional write
+    fails, the node reads again (nothing) and writes only its new bytes."""
+    bucket = MemoryBucket()
+    node = SharedUsage(bucket, "a")  # type: ignore[arg-type]
+    node.add("2026-11", {"phone": 1000})
+    read = bucket.get_tagged
+
+    def read_then_reset(key: str) -> tuple[Any, str | None]:
+        found = read(key)
+        bucket.get_tagged = read  # type: ignore[method-assign]  # once
+        SharedUsage(bucket).reset("2026-11", "phone")  # type: ignore[arg-type]
+        return found
+
+    bucket.get_tagged = read_then_reset  # type: ignore[method-assign]
+    node.add("2026-11", {"phone": 7})
+    assert node.used("2026-11", "phone") == 7
 
 
 def test_overrides_change_one_field_at_a_time() -> None:
