@@ -352,11 +352,13 @@ class ProxyNode:
             self._load_overrides(device)
 
     async def prepare_transfer(self, device: Device) -> None:
-        """Before a data connection: the device's overrides, and in a fleet, at its first
-        transfer here, its fleet-wide usage and overrides (read from a thread, bounded)."""
+        """Before a data connection: the device's overrides, and in a fleet its fleet-wide
+        usage and overrides, read at its first transfer here (a bounded wait; not at its
+        login: a node's devices coming back at once would each cost S3 round trips)."""
         if not device.overrides_loaded:
             self._load_overrides(device)
-            await self.quota.prepare(device)
+            self.quota.read_soon(device)
+        await self.quota.ready(device)
 
     def _load_overrides(self, device: Device) -> None:
         device.overrides_loaded = True

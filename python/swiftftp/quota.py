@@ -19,7 +19,7 @@ counts: every flush also hands this node's new bytes to the bucket (from a threa
 one exchange at a time, each wait bounded), which adds them to this node's own object
 of each device and reads back the fleet-wide sums and overrides of the devices that
 are active here or refused over quota.  A device's first transfer on this node reads
-its sum and overrides first (:meth:`QuotaBook.prepare`).  Quotas are checked against
+its sum and overrides first (:meth:`QuotaBook.read_soon`).  Quotas are checked against
 the last sum read plus what this node counted since; nothing on the data path waits
 for S3.  While the bucket cannot be reached the node keeps its counts in memory, says
 so in one WARNING line, and sends them when the bucket answers again.
@@ -28,12 +28,13 @@ so in one WARNING line, and sends them when the bucket answers again.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import logs
 from .errors import FleetError, RegistryError
@@ -95,6 +96,11 @@ class QuotaBook:
         self._over: set[str] = set()
         self._lock = threading.Lock()  # _unsent and _fleet, shared with the exchange's thread
         self._exchange: asyncio.Future | None = None
+        #: Devices whose figures are being read for their first transfer here.
+        self._reading: dict[str, asyncio.Task] = {}
+        #: Threads that wait for S3: a slow bucket never holds up the default executor's
+        #: other work (registry, prefix allotting).
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         #: Why the bucket could not be reached; None while it answers (logged once).
         self.fleet_error: str | None = None
 
@@ -191,6 +197,9 @@ class QuotaBook:
                 pass
             if self.shared is not None:
                 await self._last_exchange()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     async def _last_exchange(self) -> None:
         """The node stops: what it counted goes to the bucket (bounded; kept in the local
@@ -199,12 +208,18 @@ class QuotaBook:
             async with asyncio.timeout(EXCHANGE_SECONDS):
                 if self._exchange is not None and not self._exchange.done():
                     await asyncio.wait([self._exchange])
-                await asyncio.to_thread(self._send_and_read, self.period, set())
+                await self._in_thread(self._send_and_read, self.period, set())
         except (FleetError, TimeoutError) as exc:
             logs.event(log, "fleet_usage_lost", level=logging.WARNING, reason=str(exc) or "timed out",
                        devices=len(self._unsent))
 
     # ---- the fleet's figures ----------------------------------------------------------
+
+    def _in_thread(self, call: Any, *args: Any) -> asyncio.Future:
+        """``call(*args)`` in one of the threads that talk to S3."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="fleet-usage")
+        return asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
 
     def _failed(self, exc: BaseException) -> None:
         reason = str(exc) or "timed out"
@@ -267,19 +282,31 @@ class QuotaBook:
                 wanted.add(android_id)
         return self._read(period, wanted)
 
-    async def prepare(self, device: Device) -> None:
-        """A device's first transfer on this node: its fleet-wide usage and overrides,
-        waited for at most :data:`FIRST_READ_SECONDS` (this node's figures past it)."""
-        if self.shared is None:
+    def read_soon(self, device: Device) -> None:
+        """A device's first transfer on this node: read its fleet-wide usage and overrides
+        in a task of the node's (one at a time per device); :meth:`ready` waits for it."""
+        if self.shared is None or device.android_id in self._reading:
             return
         if self.fleet_error is not None:
             # S3 is away: no thread per new device waiting for it; the next exchange reads it
             self._refresh.add(device.android_id)
             return
+        android_id = device.android_id
+        task = self.node.spawn(self._first_read(device), f"fleet-read-{device.prefix}")
+        self._reading[android_id] = task
+        task.add_done_callback(lambda _: self._reading.pop(android_id, None))
+
+    async def ready(self, device: Device) -> None:
+        """Wait for the device's figures being read (at most :data:`FIRST_READ_SECONDS`)."""
+        task = self._reading.get(device.android_id)
+        if task is not None:
+            await asyncio.shield(task)  # a cancelled transfer leaves the read to finish
+
+    async def _first_read(self, device: Device) -> None:
         period = self.period
         try:
             async with asyncio.timeout(FIRST_READ_SECONDS):
-                figures, overrides = await asyncio.to_thread(self._read, period, [device.android_id])
+                figures, overrides = await self._in_thread(self._read, period, [device.android_id])
         except (FleetError, TimeoutError) as exc:
             self._refresh.add(device.android_id)  # the next exchange tries again
             self._failed(exc)
@@ -303,7 +330,7 @@ class QuotaBook:
         wanted |= {s.device.android_id for s in self.node.sessions
                    if s.device is not None and s.accounted is not None}
         self._refresh.clear()
-        self._exchange = asyncio.ensure_future(asyncio.to_thread(self._send_and_read, period, wanted))
+        self._exchange = asyncio.ensure_future(self._in_thread(self._send_and_read, period, wanted))
         # retrieved even when nobody waits for it any more (past the timeout)
         self._exchange.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
