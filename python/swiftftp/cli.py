@@ -439,14 +439,15 @@ def _devices(args: argparse.Namespace) -> int:
         elif args.action == "set-quota":
             value = None if args.bytes == "default" else parse_bytes(args.bytes)
             if shared is not None:
-                shared.set_overrides(record.android_id, quota_bytes=value)
+                shared.set_overrides(record.android_id, _overrides_of(record), quota_bytes=value)
             registry.set_quota(record.android_id, value)
             print(f"{record.prefix}: quota {'node default' if value is None else value}")
         elif args.action == "set-rate":
             up = None if args.upload in (None, "default") else parse_bytes(args.upload)
             down = None if args.download in (None, "default") else parse_bytes(args.download)
             if shared is not None:
-                shared.set_overrides(record.android_id, upload_rate=up, download_rate=down)
+                shared.set_overrides(record.android_id, _overrides_of(record), upload_rate=up,
+                                     download_rate=down)
             registry.set_rates(record.android_id, up, down)
             print(f"{record.prefix}: upload {_rate(up)}, download {_rate(down)} "
                   "(a running node applies it on SIGHUP or the device's next connection)")
@@ -485,6 +486,11 @@ def _fleet_record(shared: Any, key: str) -> Any:
     if android_id is None or prefix is None:
         return None
     return DeviceRecord(android_id, prefix, 0.0, 0.0, None, None, None)
+
+
+def _overrides_of(record: Any) -> dict[str, int | None]:
+    return {"quota_bytes": record.quota_bytes, "upload_rate": record.upload_rate,
+            "download_rate": record.download_rate}
 
 
 def _with_fleet_overrides(record: Any, shared: Any) -> Any:

@@ -312,9 +312,11 @@ class SharedUsage:
             return None
         return {name: found.get(name) for name in OVERRIDES}
 
-    def set_overrides(self, android_id: str, **changes: int | None) -> None:
-        """Change some of the device's overrides (None: back to the node's default)."""
-        current = self.overrides(android_id) or dict.fromkeys(OVERRIDES)
+    def set_overrides(self, android_id: str, seed: dict[str, int | None] | None = None,
+                      **changes: int | None) -> None:
+        """Change some of the device's overrides (None: back to the node's default); the
+        first change starts from ``seed`` (the local registry's, set before the fleet)."""
+        current = self.overrides(android_id) or dict(seed or dict.fromkeys(OVERRIDES))
         current.update(changes)
         self.bucket.put(f"overrides/{android_id.encode().hex()}", orjson.dumps(current))
 

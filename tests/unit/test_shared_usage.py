@@ -105,3 +105,12 @@ def test_overrides_change_one_field_at_a_time() -> None:
     assert shared.overrides("phone") == {"quota_bytes": 1000, "upload_rate": 5, "download_rate": None}
     shared.set_overrides("phone", quota_bytes=None)
     assert shared.overrides("phone") == {"quota_bytes": None, "upload_rate": 5, "download_rate": None}
+
+
+def test_the_first_fleet_override_keeps_the_ones_set_before_the_fleet() -> None:
+    shared = SharedUsage(MemoryBucket())  # type: ignore[arg-type]
+    local = {"quota_bytes": 5000, "upload_rate": None, "download_rate": 9}
+    shared.set_overrides("phone", local, upload_rate=1)
+    assert shared.overrides("phone") == {"quota_bytes": 5000, "upload_rate": 1, "download_rate": 9}
+    shared.set_overrides("phone", local, quota_bytes=None)  # the fleet's record counts now
+    assert shared.overrides("phone") == {"quota_bytes": None, "upload_rate": 1, "download_rate": 9}
