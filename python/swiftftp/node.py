@@ -261,12 +261,12 @@ class ProxyNode:
                 setattr(merged, option.attr, getattr(settings, option.attr))
         if self.tls is not None:
             self.tls.reload()  # the same paths too: certbot renews in place
-        for device in self.devices.values():
-            if device.overrides_loaded:  # the others read theirs at their first transfer
+        loaded = [d for d in self.devices.values() if d.overrides_loaded]  # the others: at
+        if self.quota.shared is not None:  # their first transfer. The fleet's, from a thread
+            self.spawn(self.quota.exchange(also=[d.android_id for d in loaded]), "fleet-reload")
+        else:
+            for device in loaded:
                 self._load_overrides(device)
-        if self.quota.shared is not None:  # and the fleet's, from a thread
-            loaded = [d.android_id for d in self.devices.values() if d.overrides_loaded]
-            self.spawn(self.quota.exchange(also=loaded), "fleet-reload")
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
         capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
         self.capacity.command_sessions, self.capacity.pending = capacity.command_sessions, capacity.pending
