@@ -384,9 +384,22 @@ def _devices(args: argparse.Namespace) -> int:
     except sqlite3.Error as exc:
         return _fail(f"cannot open the registry {settings.registry_path}: {exc}", 1)
     period = period_key(settings.quota_period)
+    shared = None
+    try:
+        if settings.fleet_bucket:  # usage and overrides are the fleet's, in the bucket
+            from .fleet import Bucket, SharedUsage
+
+            bucket = Bucket(settings.fleet_bucket, settings.s3_endpoint, settings.fleet_key_prefix)
+            shared = SharedUsage(bucket)
+    except ConfigError as exc:
+        registry.close()
+        return _fail(str(exc), 1)
     try:
         if args.action == "list":
             records = registry.all()
+            if shared is not None:
+                fleet_used = shared.all_used(period)
+                records = [_with_fleet_overrides(r, shared) for r in records]
             online, why = _online(settings)
             print(f"{'prefix':<8} {'device id':<36} {'online':<6} {'used':>10} {'quota':>10} "
                   f"{'upload':>12} {'download':>12}  last seen")
@@ -394,7 +407,7 @@ def _devices(args: argparse.Namespace) -> int:
                 quota = r.quota_bytes if r.quota_bytes is not None else settings.quota_bytes
                 state = "?" if online is None else "yes" if r.prefix in online else "no"
                 print(f"{r.prefix:<8} {r.android_id[:36]:<36} {state:<6} "
-                      f"{human_bytes(registry.usage(r.android_id, period)):>10} "
+                      f"{human_bytes(_used(registry, fleet_used if shared else None, r, period)):>10} "
                       f"{human_bytes(quota) if quota else 'unlimited':>10} "
                       f"{_rate(r.upload_rate, human=True):>12} {_rate(r.download_rate, human=True):>12}  "
                       f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(r.last_seen))}")
@@ -404,12 +417,19 @@ def _devices(args: argparse.Namespace) -> int:
                 print(f"online: unknown ({why})")
             return 0
         record = registry.find(args.key)
+        if record is None and shared is not None:  # known to the fleet, not to this node
+            record = _fleet_record(shared, args.key)
         if record is None:
             return _fail(f"no device {args.key!r}", 1)
+        if shared is not None:
+            record = _with_fleet_overrides(record, shared)
         if args.action == "show":
             quota = record.quota_bytes if record.quota_bytes is not None else settings.quota_bytes
             source = "device" if record.quota_bytes is not None else "node default"
-            used = registry.usage(record.android_id, period)
+            if shared is not None:
+                used = shared.used(period, record.android_id)
+            else:
+                used = registry.usage(record.android_id, period)
             for key, value in (
                 ("prefix", record.prefix), ("device id", record.android_id),
                 ("first seen", time.ctime(record.created)), ("last seen", time.ctime(record.last_seen)),
@@ -421,11 +441,16 @@ def _devices(args: argparse.Namespace) -> int:
                 print(f"{key:<14} {value}")
         elif args.action == "set-quota":
             value = None if args.bytes == "default" else parse_bytes(args.bytes)
+            if shared is not None:
+                shared.set_overrides(record.android_id, _overrides_of(record), quota_bytes=value)
             registry.set_quota(record.android_id, value)
             print(f"{record.prefix}: quota {'node default' if value is None else value}")
         elif args.action == "set-rate":
             up = None if args.upload in (None, "default") else parse_bytes(args.upload)
             down = None if args.download in (None, "default") else parse_bytes(args.download)
+            if shared is not None:
+                shared.set_overrides(record.android_id, _overrides_of(record), upload_rate=up,
+                                     download_rate=down)
             registry.set_rates(record.android_id, up, down)
             print(f"{record.prefix}: upload {_rate(up)}, download {_rate(down)} "
                   "(a running node applies it on SIGHUP or the device's next connection)")
@@ -444,11 +469,15 @@ def _devices(args: argparse.Namespace) -> int:
                   f"of device id {record.android_id} is accepted without proof, and binds the key it "
                   f"presents{running}")
         elif args.action == "reset-usage":
+            if shared is not None:  # every node's usage object of the device
+                shared.reset(period, record.android_id)
             registry.reset_usage(record.android_id, period)
             print(f"{record.prefix}: usage for {period} reset to 0")
         return 0
     except RegistryError as exc:
         return _fail(str(exc), 1)
+    except FleetError as exc:
+        return _fail(f"fleet: {exc}", 1)
     except ValueError as exc:
         return _fail(str(exc))
     except sqlite3.Error as exc:
@@ -463,6 +492,38 @@ def _identity(key: str | None, since: float | None) -> str:
         return "not bound (whoever logs in with this device id is taken for it)"
     when = f" since {time.ctime(since)}" if since else ""
     return f"bound to key {fingerprint(key)}{when}"
+
+
+def _used(registry: Any, fleet_used: dict[str, int] | None, record: Any, period: str) -> int:
+    """A device's usage: the fleet's sum in a fleet, this registry's otherwise."""
+    if fleet_used is not None:
+        return fleet_used.get(record.android_id, 0)
+    return registry.usage(record.android_id, period)
+
+
+def _fleet_record(shared: Any, key: str) -> Any:
+    """A device the fleet knows but this node's registry does not (it logged in elsewhere)."""
+    from .registry import DeviceRecord
+
+    android_id = shared.android_id_for(key.lower())
+    prefix = key.lower() if android_id else shared.prefix_of(key)
+    android_id = android_id or (key if prefix else None)
+    if android_id is None or prefix is None:
+        return None
+    return DeviceRecord(android_id, prefix, 0.0, 0.0, None, None, None)
+
+
+def _overrides_of(record: Any) -> dict[str, int | None]:
+    return {"quota_bytes": record.quota_bytes, "upload_rate": record.upload_rate,
+            "download_rate": record.download_rate}
+
+
+def _with_fleet_overrides(record: Any, shared: Any) -> Any:
+    """The record with the fleet's overrides, where an operator set any."""
+    import dataclasses
+
+    overrides = shared.overrides(record.android_id)
+    return record if overrides is None else dataclasses.replace(record, **overrides)
 
 
 def _rate(value: int | None, human: bool = False) -> str:

@@ -235,7 +235,7 @@ async def handle_device(node: Node, sock: socket.socket, address: tuple, *, tls:
                 start_command_session(node, device, chan, peer, who, ip, tls=tls)
                 return True
             if action in ("data_pasv_listen", "data_port_connect"):
-                node.load_overrides(device)
+                await node.prepare_transfer(device)
                 if node.quota.over(device):
                     node.stats.quota_refusals += 1
                     node.refuse("over quota", device.prefix, ip)

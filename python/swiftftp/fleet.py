@@ -1,10 +1,11 @@
 """A fleet of nodes sharing one S3 bucket (docs/design.md, "Fleet").
 
-Nodes share only two things, both kept in the bucket:
+Nodes share three things, all kept in the bucket:
 
 * the device id → prefix map, so a device keeps its prefix, and its user's
   bookmarked URL, on whichever node it logs in to (docs/protocol.md);
 * the public server list devices pick a node from, kept fresh by heartbeats.
+* quota usage and operators' per-device overrides (:class:`SharedUsage`).
 
 Layout, under an optional key prefix::
 
@@ -12,6 +13,8 @@ Layout, under an optional key prefix::
     prefixes/<prefix>             {"android_id": "..."}      the claim that keeps a prefix unique
     nodes/<host>                  {"host": ..., "ftp_port": ..., "device_port": ...}  heartbeat
     servers                       one host name per line: the nodes heard from lately
+    usage/<period>/<id as hex>/<host>  {"bytes": N}        written by that node only
+    overrides/<id as hex>         {"quota_bytes": …, "upload_rate": …, "download_rate": …}
 
 Conditional creation (``If-None-Match: *``, which AWS S3, MinIO, Ceph and moto
 honour) is what makes two nodes that see a new device at the same moment agree
@@ -81,6 +84,24 @@ class Bucket:
             "put_object", ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"),
             Key=self._prefix + key, Body=orjson.dumps(value), ContentType="application/json",
             IfNoneMatch="*",
+        )
+        return done is not None
+
+    def get_tagged(self, key: str) -> tuple[Any, str | None]:
+        """The object's JSON and ETag, or (None, None) if there is none."""
+        found = self._request("get_object", ("NoSuchKey", "404"), Key=self._prefix + key)
+        if found is None:
+            return None, None
+        return orjson.loads(found["Body"].read()), found["ETag"]
+
+    def replace(self, key: str, value: Any, etag: str) -> bool:
+        """Overwrite the object only if it is still the one with ``etag`` (``If-Match``);
+        False if it changed or is gone."""
+        done = self._request(
+            "put_object", ("PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict",
+                           "409"),
+            Key=self._prefix + key, Body=orjson.dumps(value), ContentType="application/json",
+            IfMatch=etag,
         )
         return done is not None
 
@@ -212,3 +233,98 @@ class Membership:
         logs.event(log, "fleet_left", host=self.host, servers=",".join(servers) or "-")
         self.servers = servers
         return [host for host in servers if host != self.host]
+
+
+#: Overrides an operator may set per device, kept fleet-wide in ``overrides/<id as hex>``.
+OVERRIDES = ("quota_bytes", "upload_rate", "download_rate")
+
+
+class SharedUsage:
+    """Quota usage and operators' overrides shared by the fleet (docs/design.md, "Fleet").
+
+    Layout, beside the prefix map::
+
+        usage/<period>/<id as hex>/<node host>   {"bytes": N}   that node's total for the period
+        overrides/<id as hex>                    {"quota_bytes": …, "upload_rate": …, "download_rate": …}
+
+    Each node writes only its own usage objects, so no two writers ever race on one
+    object; a device's usage is the sum of what a listing of its folder holds.  Every
+    method blocks on the network: a running node calls them from a thread.
+    """
+
+    def __init__(self, bucket: Bucket, host: str = "") -> None:
+        self.bucket = bucket
+        #: This node's name in the usage keys ("" for the CLI, which only reads and deletes).
+        self.host = host.replace("/", "_")
+
+    @staticmethod
+    def folder(period: str, android_id: str) -> str:
+        return f"usage/{period}/{android_id.encode().hex()}/"
+
+    def add(self, period: str, amounts: dict[str, int]) -> None:
+        """Add this node's new bytes to its own object of each device.  Read, add, write
+        on the condition that the object is still the one read (``If-Match``, or
+        ``If-None-Match: *`` for a new one): only ``reset`` (the CLI) deletes it meanwhile,
+        and then the node starts again from 0, so a reset is never undone."""
+        for android_id, amount in amounts.items():
+            key = self.folder(period, android_id) + self.host
+            for _ in range(5):
+                current, etag = self.bucket.get_tagged(key)
+                value = {"bytes": int((current or {}).get("bytes", 0)) + amount}
+                if self.bucket.create(key, value) if etag is None else self.bucket.replace(key, value, etag):
+                    break
+            else:
+                raise FleetError(f"S3 bucket {self.bucket.name!r}: {key} kept changing under this node")
+
+    def used(self, period: str, android_id: str) -> int:
+        """The device's usage in the period, summed over every node's object."""
+        folder = self.folder(period, android_id)
+        total = 0
+        for name, _ in self.bucket.listing(folder):
+            total += int((self.bucket.get(folder + name) or {}).get("bytes", 0))
+        return total
+
+    def all_used(self, period: str) -> dict[str, int]:
+        """Every device's usage in the period (``devices list``): device id → bytes."""
+        totals: dict[str, int] = {}
+        for name, _ in self.bucket.listing(f"usage/{period}/"):
+            device_hex, _, _node = name.partition("/")
+            try:
+                android_id = bytes.fromhex(device_hex).decode()
+            except ValueError:
+                continue  # not ours
+            found = self.bucket.get(f"usage/{period}/{name}") or {}
+            totals[android_id] = totals.get(android_id, 0) + int(found.get("bytes", 0))
+        return totals
+
+    def reset(self, period: str, android_id: str) -> int:
+        """Delete every node's usage object of the device for the period; how many."""
+        folder = self.folder(period, android_id)
+        names = [name for name, _ in self.bucket.listing(folder)]
+        for name in names:
+            self.bucket.delete(folder + name)
+        return len(names)
+
+    def overrides(self, android_id: str) -> dict[str, int | None] | None:
+        """The device's fleet-wide overrides; None if no operator ever set any."""
+        found = self.bucket.get(f"overrides/{android_id.encode().hex()}")
+        if found is None:
+            return None
+        return {name: found.get(name) for name in OVERRIDES}
+
+    def set_overrides(self, android_id: str, seed: dict[str, int | None] | None = None,
+                      **changes: int | None) -> None:
+        """Change some of the device's overrides (None: back to the node's default); the
+        first change starts from ``seed`` (the local registry's, set before the fleet)."""
+        current = self.overrides(android_id) or dict(seed or dict.fromkeys(OVERRIDES))
+        current.update(changes)
+        self.bucket.put(f"overrides/{android_id.encode().hex()}", orjson.dumps(current))
+
+    def android_id_for(self, prefix: str) -> str | None:
+        """The device holding ``prefix`` in the fleet's map (a device never seen here)."""
+        found = self.bucket.get(f"prefixes/{prefix}")
+        return None if found is None else found.get("android_id")
+
+    def prefix_of(self, android_id: str) -> str | None:
+        found = self.bucket.get(f"devices/{android_id.encode().hex()}")
+        return None if found is None else found.get("prefix")

@@ -20,7 +20,7 @@ from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device, handle_tls_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
-from .fleet import Bucket, Membership, ServerList, SharedPrefixes
+from .fleet import Bucket, Membership, ServerList, SharedPrefixes, SharedUsage
 from .limits import Capacity, Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
@@ -179,6 +179,8 @@ class ProxyNode:
         fleet = Membership(ServerList(bucket, host, ports, s.fleet_heartbeat, s.fleet_servers_key))
         await fleet.join()
         self.fleet = fleet
+        # quotas, usage and overrides fleet-wide: usage/<period>/<device>/<host>, overrides/<device>
+        self.quota.shared = SharedUsage(bucket, host)
         self.spawn(fleet.run(), "fleet-heartbeat")
         log.info("in the fleet of bucket %s as %s; servers: %s", bucket.name, host,
                  ", ".join(fleet.servers))
@@ -291,8 +293,11 @@ class ProxyNode:
         for option in OPTIONS:
             if option.reloadable:
                 setattr(merged, option.attr, getattr(settings, option.attr))
-        for device in self.devices.values():
-            if device.overrides_loaded:  # the others read theirs at their first transfer
+        loaded = [d for d in self.devices.values() if d.overrides_loaded]  # the others: at
+        if self.quota.shared is not None:  # their first transfer. The fleet's, from a thread
+            self.spawn(self.quota.exchange(also=[d.android_id for d in loaded]), "fleet-reload")
+        else:
+            for device in loaded:
                 self._load_overrides(device)
         self.throttle.apply(merged, list(self.devices.values()), list(self.sessions))
         capacity = Capacity(merged, self.capacity.nofile)  # caps derived anew from the settings
@@ -378,6 +383,15 @@ class ProxyNode:
         SIGHUP)."""
         if not device.overrides_loaded:
             self._load_overrides(device)
+
+    async def prepare_transfer(self, device: Device) -> None:
+        """Before a data connection: the device's overrides, and in a fleet its fleet-wide
+        usage and overrides, read at its first transfer here (a bounded wait; not at its
+        login: a node's devices coming back at once would each cost S3 round trips)."""
+        if not device.overrides_loaded:
+            self._load_overrides(device)
+            self.quota.read_soon(device)
+        await self.quota.ready(device)
 
     def _load_overrides(self, device: Device) -> None:
         device.overrides_loaded = True

@@ -4,7 +4,8 @@ The first login of an ``android_id`` allots it a prefix of five random
 lowercase letters; later logins get the same one, so the URL its user
 bookmarked keeps working.  In a fleet the allotting is shared by every node
 (:class:`swiftftp.fleet.SharedPrefixes`) and SQLite keeps this node's copy,
-with its quotas, rate overrides and usage.
+with its quotas, rate overrides and usage (the fleet's figures are in the bucket:
+:class:`swiftftp.fleet.SharedUsage`).
 
 Integrity (a lost registry gives every device a new prefix and breaks every
 bookmarked URL, so it is never re-allotted silently):

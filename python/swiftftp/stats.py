@@ -168,6 +168,8 @@ def snapshot(node: Node) -> dict[str, Any]:
         "registry_error": node.registry.error,
         # the server list as of the last heartbeat; None outside a fleet
         "fleet_servers": list(node.fleet.servers) if node.fleet else None,
+        # why this node's usage could not reach the fleet's bucket lately; None: it did
+        "fleet_usage_error": node.quota.fleet_error,
         # mean bytes/s of each step, oldest first (the status page's sparkline)
         "throughput_history": {
             "step_seconds": HISTORY_STEP,
@@ -240,6 +242,9 @@ class NodeCollector:
         if s["fleet_servers"] is not None:
             yield GaugeMetricFamily("swiftftp_fleet_servers", "Nodes on the fleet's server list",
                                     value=len(s["fleet_servers"]))
+            yield GaugeMetricFamily("swiftftp_fleet_usage_unreachable", "1 while this node's quota "
+                                    "usage cannot reach the fleet's bucket (kept in memory meanwhile)",
+                                    value=int(bool(s["fleet_usage_error"])))
         d = CounterMetricFamily(
             "swiftftp_device_relayed_bytes",
             f"Bytes relayed for each online device since the node started (the {DEVICE_SERIES} "

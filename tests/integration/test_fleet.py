@@ -6,23 +6,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ftplib
 import hashlib
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
+import orjson
 import pytest
 
 from swiftftp.agent import Agent, AgentSettings
-from swiftftp.stats import snapshot
+from swiftftp.quota import period_key
+from swiftftp.stats import human_bytes, snapshot
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
 from tests.stack import FTP_PASSWORD, FTP_USER, FtpServerThread, LoopThread, ProxyThread, node_settings
@@ -75,9 +80,8 @@ def fleet(backend_name: str, tmp_path: Path, s3_endpoint: str, bucket: tuple[Any
 
     def make(host: str, **overrides: Any) -> ProxyThread:
         settings = node_settings(tmp_path / f"node{len(started)}", relay_backend=backend_name,
-                                 fleet_bucket=bucket[1],
-                                 s3_endpoint=s3_endpoint, fleet_host=host, fleet_heartbeat=0.5,
-                                 **overrides)
+                                 fleet_bucket=bucket[1], fleet_host=host, fleet_heartbeat=0.5,
+                                 **{"s3_endpoint": s3_endpoint, **overrides})
         node = ProxyThread(settings)
         started.append(node)
         return node
@@ -252,3 +256,244 @@ def test_agent_follows_the_server_list_and_the_drain(
         task.cancel()
         loop.stop()
         ftpd.close()
+
+
+# ---- fleet-wide quotas, usage and overrides ----------------------------------------------
+
+
+def fleet_used(bucket: tuple[Any, str], android_id: str) -> int:
+    """A device's usage this period as the bucket holds it: the sum of every node's object."""
+    client, name = bucket
+    total = 0
+    for key in keys(bucket, f"usage/{period_key('month')}/{android_id.encode().hex()}/"):
+        total += orjson.loads(client.get_object(Bucket=name, Key=key)["Body"].read())["bytes"]
+    return total
+
+
+def ftp_to(node: ProxyThread, prefix: str) -> ftplib.FTP:
+    ftp = ftplib.FTP()
+    ftp.connect("127.0.0.1", node.ftp_port, timeout=20)
+    ftp.login(f"{prefix}_alice", "pw")
+    return ftp
+
+
+def both_ways(node: ProxyThread, device: FieldDevice, name: str, upload_size: int = 50_000) -> None:
+    """A download and an upload through ``node``, checked with SHA-256."""
+    ftp = ftp_to(node, device.prefix)
+    got = io.BytesIO()
+    ftp.retrbinary(f"RETR {name}", got.write)
+    upload = os.urandom(upload_size)
+    ftp.storbinary(f"STOR up-{node.device_port}.bin", io.BytesIO(upload))
+    ftp.quit()
+    assert sha(got.getvalue()) == sha(device.files[name])
+    assert sha(device.files[f"up-{node.device_port}.bin"]) == sha(upload)
+
+
+def used_on(node: ProxyThread, android_id: str) -> int:
+    return node.run(lambda n: n.quota.used(n.devices[android_id]))
+
+
+def idle(node: ProxyThread) -> bool:
+    return node.run(lambda n: not [s for s in n.sessions if s.kind != "command"])
+
+
+def cli_config(tmp_path: Path, node: ProxyThread, bucket: tuple[Any, str], s3_endpoint: str) -> Path:
+    """A configuration file naming the node's state dir and the fleet's bucket."""
+    path = tmp_path / f"node-{node.device_port}.toml"
+    path.write_text(f'[node]\nstate_dir = "{node.node.settings.state_dir}"\n\n'
+                    f'[fleet]\nbucket = "{bucket[1]}"\ns3_endpoint = "{s3_endpoint}"\n')
+    return path
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swiftftp", "devices", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_a_device_that_fails_over_keeps_its_quota(fleet: Any, bucket: tuple[Any, str]) -> None:
+    """Used on A, counted in A's usage object; on B the fleet-wide sum refuses it (15, the
+    client's 425) though B alone counted less than the quota."""
+    quota = 600_000
+    a = fleet("a.test", quota_bytes=quota, quota_flush_interval=0.2)
+    b = fleet("b.test", quota_bytes=quota, quota_flush_interval=0.2)
+    files = {"f.bin": os.urandom(400_000)}
+    on_a = FieldDevice(a.device_port, android_id="roaming-meter", files=files).start()
+    try:
+        both_ways(a, on_a, "f.bin")
+        wait_until(lambda: idle(a), 10, "transfers on a ended")
+        used_a = used_on(a, "roaming-meter")
+        assert 450_000 < used_a < quota
+        wait_until(lambda: fleet_used(bucket, "roaming-meter") == used_a, 10, "a's usage in the bucket")
+    finally:
+        on_a.stop()  # its session on a ends; it logs in on b
+    on_b = FieldDevice(b.device_port, android_id="roaming-meter", files=dict(on_a.files)).start()
+    try:
+        assert on_b.prefix == on_a.prefix
+        ftp = ftp_to(b, on_b.prefix)
+        got = io.BytesIO()
+        ftp.retrbinary("RETR f.bin", got.write)  # under the quota fleet-wide: crosses it, finishes
+        assert sha(got.getvalue()) == sha(files["f.bin"])
+        with pytest.raises(ftplib.error_temp, match="425"):
+            ftp.retrbinary("RETR f.bin", got.write)
+        ftp.quit()
+        assert {"error_code": 15, "error_string": "the device is over its quota"} in on_b.data_replies
+        wait_until(lambda: idle(b), 10, "transfers on b ended")
+        moved_on_b = used_on(b, "roaming-meter") - used_a
+        assert moved_on_b < quota  # b alone would have let it go on
+        assert b.run(lambda n: n.stats.quota_refusals) == 1
+        wait_until(lambda: fleet_used(bucket, "roaming-meter") == used_a + moved_on_b, 10, "b's usage too")
+        # one object per device and node
+        hexid = b"roaming-meter".hex()
+        assert sorted(k.rsplit("/", 1)[1] for k in keys(bucket, f"usage/{period_key('month')}/{hexid}/")) \
+            == sorted([f"a.test:{a.device_port}", f"b.test:{b.device_port}"])
+    finally:
+        on_b.stop()
+    assert not on_a.errors and not on_b.errors
+
+
+def test_overrides_and_resets_from_any_node_apply_fleet_wide(
+    fleet: Any, bucket: tuple[Any, str], s3_endpoint: str, tmp_path: Path
+) -> None:
+    """``devices set-quota``, ``set-rate`` and ``reset-usage`` with node A's configuration
+    reach a device that only ever logged in on node B."""
+    a = fleet("a.test", quota_flush_interval=0.2)
+    b = fleet("b.test", quota_flush_interval=0.2)
+    config_a = cli_config(tmp_path, a, bucket, s3_endpoint)
+    device = FieldDevice(b.device_port, android_id="managed-phone",
+                         files={"f.bin": os.urandom(300_000)}).start()
+    try:
+        both_ways(b, device, "f.bin")
+        wait_until(lambda: idle(b), 10, "transfers on b ended")
+        used = used_on(b, "managed-phone")
+        wait_until(lambda: fleet_used(bucket, "managed-phone") == used, 10, "b's usage in the bucket")
+        done = cli(config_a, "show", device.prefix)  # a's registry has never seen it
+        assert done.returncode == 0, done.stderr
+        assert re.search(rf"used\s+{used} ", done.stdout), done.stdout
+        # list: the devices this node's registry knows (b's), with the fleet's figures
+        done = cli(cli_config(tmp_path, b, bucket, s3_endpoint), "list")
+        assert done.returncode == 0, done.stderr
+        row = rf"^{device.prefix} +managed-phone +\S+ +{re.escape(human_bytes(used))} "
+        assert re.search(row, done.stdout, re.M), done.stdout
+
+        done = cli(config_a, "set-quota", device.prefix, "100000")
+        assert done.returncode == 0 and done.stdout == f"{device.prefix}: quota 100000\n", done
+        b.run(lambda n: n.reload(n.settings))  # SIGHUP
+        wait_until(lambda: b.run(lambda n: n.devices["managed-phone"].quota_bytes) == 100_000, 10,
+                   "the quota on b")
+        ftp = ftp_to(b, device.prefix)
+        with pytest.raises(ftplib.error_temp, match="425"):
+            ftp.retrbinary("RETR f.bin", lambda _: None)
+
+        done = cli(config_a, "set-rate", device.prefix, "--download", "2M", "--upload", "1M")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"{device.prefix}: upload 1000000, download 2000000 ")
+        b.run(lambda n: n.reload(n.settings))
+        wait_until(lambda: b.run(lambda n: n.throttle.device_rates(n.devices["managed-phone"]))
+                   == (1_000_000, 2_000_000), 10, "the rates on b")
+
+        done = cli(config_a, "reset-usage", device.prefix)
+        assert done.returncode == 0 and "reset to 0" in done.stdout, done
+        # b re-reads a device it refused over quota: the reset frees it
+        wait_until(lambda: used_on(b, "managed-phone") < 100_000, 10, "the reset on b")
+        got = io.BytesIO()
+        ftp.retrbinary("RETR f.bin", got.write)
+        ftp.quit()
+        assert sha(got.getvalue()) == sha(device.files["f.bin"])
+        done = cli(config_a, "set-quota", device.prefix, "default")
+        assert done.returncode == 0 and done.stdout == f"{device.prefix}: quota node default\n"
+    finally:
+        device.stop()
+    assert not device.errors
+
+
+class CutLink:
+    """A TCP forwarder to S3 that a test can cut (every connection closed, the port
+    refusing) and mend (the same port again): the bucket unreachable, then back."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self.target = (host, int(port))
+        self.port = 0
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.mend()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def mend(self) -> None:
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                near, _ = listener.accept()
+            except OSError:
+                return  # cut
+            far = socket.create_connection(self.target, timeout=10)
+            with self._lock:
+                self._conns += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def test_an_unreachable_bucket_keeps_the_counts(
+    fleet: Any, bucket: tuple[Any, str], s3_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bucket cannot be reached mid-way: transfers go on, the node keeps its counts
+    in memory (one warning, not one per device), and sends them when S3 is back."""
+    link = CutLink(s3_endpoint)
+    a = fleet("a.test", quota_flush_interval=0.2, quota_bytes=50_000_000, s3_endpoint=link.url)
+    ids = ["patient-phone", "patient-tablet"]
+    devices = [FieldDevice(a.device_port, android_id=i, files={"f.bin": os.urandom(200_000)}).start()
+               for i in ids]
+    try:
+        for device in devices:
+            both_ways(a, device, "f.bin")
+        wait_until(lambda: idle(a), 10)
+        for i in ids:
+            wait_until(lambda i=i: fleet_used(bucket, i) == used_on(a, i), 10, "usage in the bucket")
+        link.cut()
+        for _ in range(2):
+            for device in devices:
+                both_ways(a, device, "f.bin")
+        wait_until(lambda: idle(a), 10)
+        wait_until(lambda: a.run(lambda n: n.quota.fleet_error) is not None, 20, "the warning")
+        assert a.run(lambda n: snapshot(n)["fleet_usage_error"])
+        used = {i: used_on(a, i) for i in ids}
+        assert all(u > 3 * 250_000 for u in used.values()), used  # nothing forgotten
+        assert all(fleet_used(bucket, i) < used[i] for i in ids)
+        link.mend()
+        for i in ids:
+            wait_until(lambda i=i: fleet_used(bucket, i) == used[i], 20, "the counts sent when S3 is back")
+        wait_until(lambda: a.run(lambda n: n.quota.fleet_error) is None, 10)
+    finally:
+        for device in devices:
+            device.stop()
+    warnings = [r for r in caplog.records if getattr(r, "event", "") == "fleet_usage_unreachable"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
