@@ -7,7 +7,8 @@ process's CPU seconds per GiB), then for the one-session and the 8-session
 cases the ratios rust/direct, rust/haproxy and rust/python (and, for the
 8-session case, rust with one worker against haproxy's one thread). Then the
 latency table (benches/test_latency.py) with each target against ProFTPD's
-mod_proxy, and the FTPS table (benches/test_ftps_throughput.py).
+mod_proxy, the FTPS table (benches/test_ftps_throughput.py) and the density
+table (benches/test_density.py) with issue 10's targets.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def report(data: dict[str, Any]) -> list[str]:
             )
     lines += latency_report(data)
     lines += ftps_report(data)
+    lines += density_report(data)
     if machine:
         lines.append(f"machine: {machine}")
     return lines
@@ -103,6 +105,32 @@ def ftps_report(data: dict[str, Any]) -> list[str]:
                 f"{direction.upper()} node-ftps/mod_proxy-ftps: {_ratio(ours['gbit_s'], peer['gbit_s'])} "
                 f"throughput, {_ratio(ours['cpu_s_per_gib'], peer['cpu_s_per_gib'])} CPU/GiB"
             )
+    return lines
+
+
+#: The density bench's figures, their units, and the target each is held to (None: none).
+DENSITY = [
+    ("rss_per_device_kib", "RSS per idle device, KiB", "<= 4"),
+    ("idle_cpu_percent", "node CPU idle, %", "<= 1"),
+    ("cpu_ms_per_first_login", "CPU per first login, ms", "<= 0.3"),
+    ("first_wave_logins_per_s", "first wave, logins/s", None),
+    ("storm_logins_per_s", "reconnect storm, logins/s", ">= 3000 at 15000"),
+    ("cpu_ms_per_storm_login", "CPU per storm login, ms", None),
+    ("rss_after_over_before", "RSS after leaving / before", "<= 1.2"),
+    ("rss_per_control_kib", "RSS per idle control connection, KiB", "<= 8"),
+]
+
+
+def density_report(data: dict[str, Any]) -> list[str]:
+    """One column per device count (benches/test_density.py), one row per figure."""
+    runs = sorted((b["extra_info"]["density"] for b in data.get("benchmarks", [])
+                   if "density" in b.get("extra_info", {})), key=lambda f: f["devices"])
+    if not runs:
+        return []
+    lines = [f"{'density':<38} " + " ".join(f"{run['devices']:>8}" for run in runs) + "  target"]
+    for key, label, target in DENSITY:
+        cells = " ".join(f"{run[key]:>8}" if key in run else f"{'-':>8}" for run in runs)
+        lines.append(f"{label:<38} {cells}  {target or ''}")
     return lines
 
 
