@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -41,6 +42,11 @@ class SessionFilter(logging.Filter):
         return True
 
 
+#: What makes a value need quotes in a plain line (a regex: a per-character scan was a
+#: tenth of a reconnect storm's logging).
+_QUOTE = re.compile(r'[\s"=\\]')
+
+
 def plain_value(value: Any) -> str:
     """A field's value as it appears after ``key=`` in plain lines: bare when it is a
     single word, else JSON-quoted (so ``key=value`` lines split on spaces)."""
@@ -49,7 +55,7 @@ def plain_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    if text and not any(c.isspace() or c in '"=\\' for c in text):
+    if text and _QUOTE.search(text) is None:
         return text
     return orjson.dumps(text).decode()
 

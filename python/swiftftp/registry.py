@@ -147,6 +147,7 @@ class Registry:
         self._count = 0  # devices in the registry
         self._sidecar = None if self._memory else Path(self.path).with_name(SIDECAR)
         self._sidecar_failed = False
+        self._count_noted = True  # the sidecar says self._count (else: flush_seen writes it)
         self._identity: tuple[int, int] | None = None  # the file's (device, inode)
         self._verified = 0.0  # time.monotonic() of the last verify()
         existed = self._inspect()
@@ -462,7 +463,11 @@ class Registry:
                 db.execute("COMMIT")
 
     def flush_seen(self) -> None:
-        """Write the ``last_seen`` of the devices seen since the last call."""
+        """Write the ``last_seen`` of the devices seen since the last call (and the device
+        count to the sidecar, if it changed)."""
+        if not self._count_noted and not self._memory and self.error is None:
+            self._count_noted = True
+            self._note_count()
         if not self._seen:
             return
         seen, self._seen = self._seen, {}
@@ -533,7 +538,10 @@ class Registry:
                     ) from None
                 continue
             self._count += 1
-            self._note_count()
+            if self._count == 1:  # from now on an empty registry is damage: say so at once
+                self._note_count()
+            else:  # written with the next flush_seen or at close: writing the file here cost
+                self._count_noted = False  # 0.57 ms of a first login's ~0.9 (5,000 new devices)
             return chosen
         raise RuntimeError("could not allot a unique prefix")
 
