@@ -50,6 +50,8 @@ class DeviceChannel:
     (``json_stream``); ``send_timeout`` bounds every write and :meth:`settle`.
     """
 
+    __slots__ = ("sock", "_peer", "send_timeout", "outbox", "_decoder", "bytes_in", "bytes_out", "last_recv")
+
     def __init__(
         self, sock: socket.socket, *, send_timeout: float = 30.0, grace: float = GRACE, paced: bool = True,
         peer: tuple[str, int] | None = None,

@@ -55,6 +55,8 @@ class ClientConnection:
     """An FTP client's control socket: line reads before login, bounded writes, and
     byte counts as the client sees them (quota accounting starts with the greeting)."""
 
+    __slots__ = ("sock", "peer_ip", "send_timeout", "buffer", "counts", "local_ip", "tls")
+
     def __init__(self, sock: socket.socket, send_timeout: float, peer_ip: str) -> None:
         self.sock = sock
         self.peer_ip = peer_ip
@@ -264,6 +266,8 @@ async def _act(client: ClientConnection, peer: str, events: list) -> bool:
 class LoginSlot:
     """A control connection of a device that has not logged in yet, counted against
     its client address's share of the device's control slots."""
+
+    __slots__ = ("device", "ip", "held")
 
     def __init__(self, device: Device, ip: str) -> None:
         self.device = device

@@ -47,6 +47,9 @@ class ControlRelay:
     each chunk from the device. Await :attr:`done`; :meth:`close` stops it.
     """
 
+    __slots__ = ("_loop", "_dirs", "_deadline", "_send_timeout", "_counts", "_on_down", "_answers",
+                 "_timer", "last", "done")
+
     def __init__(
         self,
         client: socket.socket,

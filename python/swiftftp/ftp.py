@@ -132,21 +132,24 @@ class PreLogin:
     ``unknown_prefix`` if no such device is online.
     """
 
+    __slots__ = ("max_failures", "failures", "ftps", "_anonymous")
+
     def __init__(self, max_failures: int = 3, ftps: Ftps | None = None) -> None:
         self.max_failures = max_failures
         self.failures = 0
         self.ftps = ftps  # None: the node has no certificate
         self._anonymous = False  # USER without a prefix was sent: fail the PASS
-        self._verbs: dict[str, Callable[[bytes, bytes], list[Event]]] = {
-            "USER": self._user,
-            "PASS": self._pass,
-            "QUIT": lambda line, arg: [Reply("221 Goodbye."), Close("quit")],
-            "NOOP": lambda line, arg: [Reply("200 NOOP ok.")],
-            "AUTH": self._auth,
-            "PBSZ": self._security,
-            "PROT": self._security,
-            "CCC": self._security,
-        }
+
+    #: The verbs answered before login, by method name: a table per class, not per
+    #: connection (a dialogue lives as long as its relayed control connection).
+    _VERBS = {"USER": "_user", "PASS": "_pass", "QUIT": "_quit", "NOOP": "_noop", "AUTH": "_auth",
+              "PBSZ": "_security", "PROT": "_security", "CCC": "_security"}
+
+    def _quit(self, line: bytes, arg: bytes) -> list[Event]:
+        return [Reply("221 Goodbye."), Close("quit")]
+
+    def _noop(self, line: bytes, arg: bytes) -> list[Event]:
+        return [Reply("200 NOOP ok.")]
 
     def _auth(self, line: bytes, arg: bytes) -> list[Event]:
         ftps = self.ftps
@@ -175,9 +178,10 @@ class PreLogin:
         verb, arg = split_command(line)
         if not verb:
             return [Reply("500 Syntax error, command unrecognized.")]
-        handler = self._verbs.get(verb)
-        if handler is None:
+        name = self._VERBS.get(verb)
+        if name is None:
             return [Reply("530 Please log in with USER <prefix>_<user> first.")]
+        handler: Callable[[bytes, bytes], list[Event]] = getattr(self, name)
         return handler(line, arg)
 
     def unknown_prefix(self, prefix: str) -> list[Event]:
@@ -427,6 +431,9 @@ class ControlRewriter:
     and :attr:`failures` counts its ``530`` replies before that.
     """
 
+    __slots__ = ("_client", "_public", "_ftps", "_data_port", "_pending", "_held", "_answers",
+                 "_multiline", "_long", "logged_in", "failures")
+
     def __init__(
         self,
         client_ip: str,
@@ -620,6 +627,8 @@ class ControlRewriter:
 class LineSplitter:
     """Cuts a byte stream into lines for rewriting, passing over-long lines on in pieces
     (through the rewriting too, which may hold them back)."""
+
+    __slots__ = ("_rewrite", "_max", "_partial")
 
     def __init__(self, rewrite: Callable[[bytes], bytes] = bytes, max_line: int = 8192) -> None:
         self._rewrite = rewrite
