@@ -401,6 +401,10 @@ async def _candidate(
 
 # ---- the relayed control connection -------------------------------------------------------
 
+#: The data ports of a control connection without TLS: none to claim (one shared empty
+#: deque, not one per connection).
+_NO_CLAIMS: deque[tuple] = deque(maxlen=0)
+
 
 async def control_relay(
     node: Node,
@@ -424,8 +428,8 @@ async def control_relay(
     device_sock, early = chan.detach()
     client = conn.sock
     client_ip = conn.peer_ip
-    claims: deque[tuple] = deque()
-    claim = node.tls.claimer(ftps, client_ip, claims) if node.tls is not None and ftps is not None else None
+    claims: deque[tuple] = deque() if node.tls is not None and ftps is not None else _NO_CLAIMS
+    claim = node.tls.claimer(ftps, client_ip, claims) if claims is not _NO_CLAIMS else None
     public = s.public_address or conn.local_ip
     rewriter = ControlRewriter(client_ip, public, ftps, claim)
     failures = [0]

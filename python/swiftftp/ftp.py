@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -450,7 +449,9 @@ class ControlRewriter:
         self._data_port = data_port or (lambda kind, port: None)
         #: Per run of commands sent on: [what its reply becomes, how many]; or the
         #: node's own answer waiting behind them: [answer bytes, how many].
-        self._pending: deque[list] = deque()
+        # A list, not a deque: it is almost always empty or short, and an empty deque
+        # is 624 bytes for every idle control connection.
+        self._pending: list[list] = []
         self._held = 0  # answers in _pending
         self._answers = bytearray()  # due to the client, not taken yet
         self._multiline: bytes | None = None  # code of the multi-line reply being passed on
@@ -611,14 +612,14 @@ class ControlRewriter:
         head = self._pending[0]
         head[1] -= 1
         if not head[1]:
-            self._pending.popleft()
+            self._pending.pop(0)
         return head[0]
 
     def _release(self) -> bytes:
         """The node's answers whose turn has come."""
         out = b""
         while self._pending and isinstance(self._pending[0][0], bytes):
-            data, count = self._pending.popleft()
+            data, count = self._pending.pop(0)
             self._held -= count
             out += data * count
         return out
