@@ -474,7 +474,8 @@ def _devices(args: argparse.Namespace) -> int:
                 running = "" if reply.get("ok") else f" (the running node said: {reply.get('error')})"
             except admin.AdminError:
                 running = ""  # no node running here: the next one reads the file
-            fleet = " in the fleet (other nodes learn it at the device's next login there)" if shared_keys else ""
+            fleet = (" in the fleet (other nodes learn it at the device's next login there)"
+                     if shared_keys else "")
             print(f"{record.prefix}: unbound from key {fingerprint(key)}{fleet}; the next login "
                   f"of device id {record.android_id} is accepted without proof, and binds the key it "
                   f"presents{running}")

@@ -158,13 +158,10 @@ async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str)
         return command.key, False
     ip = normalize_ip(chan.peer[0])
     if node.keys is not None:  # a fleet: the bucket's binding counts, read where it may matter
+        locked = node.guard.locked(node.guard.group(ip))  # then no read for a key it failed before
         if bound is None:
-            bound = await node.keys.key_of(android_id, _normalised(offered))
-        elif _normalised(offered) != bound:  # about to be refused: unless unbound or rebound fleet-wide
-            if node.guard.locked(node.guard.group(ip)):  # no bucket read for a locked-out address
-                node.refuse("locked out", _where(chan), ip)
-                raise ProtocolError(ErrorCode.IDENTITY,
-                                    "too many failed logins from this address; try again later")
+            bound = await node.keys.key_of(android_id, _normalised(offered), reread=not locked)
+        elif _normalised(offered) != bound and not locked:  # to be refused: unless changed fleet-wide
             bound = await _reconcile(node, android_id, bound)
     if offered is None and bound is None:
         return None, False  # a device without a key (every field device): today's behaviour

@@ -457,14 +457,15 @@ class FleetKeys:
             self._unbound.pop(android_id, None)
         return key
 
-    async def key_of(self, android_id: str, offered: str | None) -> str | None:
+    async def key_of(self, android_id: str, offered: str | None, *, reread: bool = True) -> str | None:
         """The key the login of an id not bound on this node must prove; None: none
-        (unbound in the fleet, or the bucket unreachable: open, logged)."""
+        (unbound in the fleet, or the bucket unreachable: open, logged). A cached key
+        the login does not prove is read again (it may have been unbound) if ``reread``."""
         cached = self.bound.get(android_id)
         if cached is None:
             if self._unbound.get(android_id, 0.0) > time.monotonic():
                 return None
-        elif cached == offered:
+        elif cached == offered or not reread:
             return cached
         found = await self.ask(self.shared.read, android_id)  # first look, or the cached key failed
         if found is UNKNOWN:

@@ -200,8 +200,10 @@ class ProxyNode:
         def publish() -> dict[str, str | None]:
             changed: dict[str, str | None] = {}
             for record in self.registry.all():
-                if record.public_key and (fleet_key := shared.reconcile(record.android_id,
-                                                                        record.public_key)) != record.public_key:
+                if not record.public_key:
+                    continue
+                fleet_key = shared.reconcile(record.android_id, record.public_key)
+                if fleet_key != record.public_key:
                     changed[record.android_id] = fleet_key
             return changed
 

@@ -34,8 +34,15 @@ from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
 from tests.integration.test_identity import Stranger, refused
 from tests.integration.test_identity import login as json_login
-from tests.stack import (FTP_PASSWORD, FTP_USER, AgentProcess, FtpServerThread, LoopThread, ProxyThread,
-                         node_settings)
+from tests.stack import (
+    FTP_PASSWORD,
+    FTP_USER,
+    AgentProcess,
+    FtpServerThread,
+    LoopThread,
+    ProxyThread,
+    node_settings,
+)
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fleet-test", "AWS_SECRET_ACCESS_KEY": "fleet-test",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -633,7 +640,8 @@ def test_an_unreachable_bucket_keeps_bound_ids_closed_and_others_open(
         assert time.monotonic() - started < 4
         assert "bound to a key" in refused(a.device_port, "127.0.0.2", json_login("keyed-meter"))
         other = DeviceKey.generate()
-        assert "another key" in refused(a.device_port, "127.0.0.2", json_login("keyed-meter", key=other.public))
+        assert "another key" in refused(a.device_port, "127.0.0.2",
+                                        json_login("keyed-meter", key=other.public))
         assert keyed_login(a.device_port, "127.0.0.1", "keyed-meter", key) == {}
         assert a.run(lambda n: n.keys.outage) is not None
     finally:
