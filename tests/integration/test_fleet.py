@@ -650,3 +650,25 @@ def test_an_unreachable_bucket_keeps_bound_ids_closed_and_others_open(
                and a.run(lambda n: n.keys.outage) is None, 15, "the bucket answering again")
     warnings = [r for r in caplog.records if getattr(r, "event", "") == "fleet_keys_unreachable"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+@pytest.mark.parametrize("backend_name", ["rust"])
+def test_a_binding_from_before_the_fleet_is_published_when_the_node_joins(
+    fleet: Any, bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    """A node bound a key on its own; started in a fleet, it publishes it, and the
+    other nodes refuse a login of that id without the key."""
+    solo = ProxyThread(node_settings(tmp_path / "node0"))  # the state dir of the fleet's first node
+    key = DeviceKey.generate()
+    try:
+        assert keyed_login(solo.device_port, "127.0.0.1", "old-agent", key) == {}
+    finally:
+        solo.close()
+    a = fleet("a.test")
+    assert a.node.settings.state_dir == tmp_path / "node0"
+    b = fleet("b.test")
+    wait_until(lambda: (fleet_key(bucket, "old-agent") or {}).get("key") == key.public, 10,
+               "the binding published")
+    assert a.run(lambda n: n.registry.key_of("old-agent")) == key.public
+    assert "bound to a key" in refused(b.device_port, "127.0.0.2", json_login("old-agent"))
+    assert keyed_login(b.device_port, "127.0.0.1", "old-agent", key) == {}
