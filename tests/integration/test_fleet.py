@@ -643,7 +643,7 @@ def test_an_unreachable_bucket_keeps_bound_ids_closed_and_others_open(
         assert "another key" in refused(a.device_port, "127.0.0.2",
                                         json_login("keyed-meter", key=other.public))
         assert keyed_login(a.device_port, "127.0.0.1", "keyed-meter", key) == {}
-        assert a.run(lambda n: n.keys.outage) is not None
+        assert a.run(lambda n: snapshot(n)["fleet_keys_error"])
     finally:
         link.mend()
     wait_until(lambda: keyless_login(a.device_port, "field-meter") == {}
