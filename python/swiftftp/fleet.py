@@ -383,6 +383,10 @@ class SharedKeys:
             return self.bind(android_id, local)
         return str(found["key"]) if found.get("key") else None
 
+    def listed(self) -> set[str]:
+        """The device ids (as hex) that have an object: bound, or unbound by an operator."""
+        return {name for name, _ in self.bucket.listing("keys/")}
+
     def unbind(self, android_id: str) -> None:
         """``devices unbind``: the tombstone (see the class)."""
         self.bucket.put(self.name(android_id), orjson.dumps({"key": None, "unbound": int(time.time())}))
@@ -399,9 +403,12 @@ class FleetKeys:
     * a key read from the bucket is kept until a login fails to prove it (then the
       bucket is read again: that is how a node learns of ``devices unbind`` or of a
       new binding after it) or an operator unbinds the id through this node;
-    * "not bound in the fleet" is kept ``unbound_ttl`` seconds: within that window a
-      binding made on another node is not seen here by a login *without* a key (a
-      login *with* one binds, and binding always asks the bucket);
+    * "not bound in the fleet" comes from a listing of ``keys/`` (one LIST for every
+      login, whatever the device, made again when ``unbound_ttl`` seconds old: a
+      node's devices all coming back at once cost one request, not one each), and
+      for an id unbound by an operator from its tombstone, kept as long. Within that
+      window a binding made on another node is not seen here by a login *without* a
+      key (a login *with* one binds, and binding always asks the bucket);
     * a bucket that does not answer within ``timeout`` is an outage: one WARNING,
       then ``backoff`` seconds without asking (no thread pile-up), answers UNKNOWN.
 
@@ -416,6 +423,9 @@ class FleetKeys:
         #: Keys the bucket holds (ids not bound in this node's registry).
         self.bound: dict[str, str] = {}
         self._unbound: dict[str, float] = {}  # id → monotonic time the answer goes stale
+        self._listing: set[str] = set()  # ids (hex) with an object in keys/, as last listed
+        self._listed_until = 0.0
+        self._listing_now: asyncio.Future[Any] | None = None  # the listing in flight
         self._down_until = 0.0
         #: Why the bucket did not answer; None while it does.
         self.outage: str | None = None
@@ -443,6 +453,30 @@ class FleetKeys:
             self.outage = None
         return result
 
+    async def _in_listing(self, android_id: str) -> Any:
+        """Whether the id has an object in ``keys/`` (UNKNOWN if the bucket did not
+        answer); from the last listing while it is fresh, else one listing shared by
+        every login that waits for it."""
+        if time.monotonic() >= self._listed_until:
+            if self._listing_now is None or self._listing_now.done():
+                self._listing_now = asyncio.ensure_future(self._list())
+            listing = self._listing_now
+            try:
+                found = await asyncio.shield(listing)
+            finally:
+                if listing.done() and self._listing_now is listing:
+                    self._listing_now = None
+            if found is UNKNOWN:
+                return UNKNOWN
+        return android_id.encode().hex() in self._listing
+
+    async def _list(self) -> Any:
+        started = time.monotonic()
+        found = await self.ask(self.shared.listed)
+        if found is not UNKNOWN:
+            self._listing, self._listed_until = found, started + self.unbound_ttl
+        return found
+
     def forget(self, android_id: str) -> None:
         self.bound.pop(android_id, None)
         self._unbound.pop(android_id, None)
@@ -465,6 +499,9 @@ class FleetKeys:
         if cached is None:
             if self._unbound.get(android_id, 0.0) > time.monotonic():
                 return None
+            listed = await self._in_listing(android_id)
+            if listed is UNKNOWN or not listed:
+                return None  # not bound in the fleet (or the bucket down: open)
         elif cached == offered or not reread:
             return cached
         found = await self.ask(self.shared.read, android_id)  # first look, or the cached key failed
@@ -488,4 +525,5 @@ class FleetKeys:
         if found is UNKNOWN:
             return None
         self._note(android_id, {"key": found})
+        self._listing.add(android_id.encode().hex())
         return str(found)

@@ -20,6 +20,7 @@ class CountingBucket(MemoryBucket):
     def __init__(self) -> None:
         super().__init__()
         self.reads = 0
+        self.lists = 0
         self.down = False
 
     def _check(self) -> None:
@@ -44,6 +45,11 @@ class CountingBucket(MemoryBucket):
         self._check()
         return super().replace(key, value, etag)
 
+    def listing(self, folder: str) -> list[tuple[str, Any]]:
+        self._check()
+        self.lists += 1
+        return super().listing(folder)
+
 
 def test_first_binding_wins_and_a_tombstone_lets_a_new_one_in() -> None:
     bucket = MemoryBucket()
@@ -67,10 +73,13 @@ def test_the_cache_reads_once_per_ttl_and_again_when_a_proof_fails() -> None:
         bucket = CountingBucket()
         shared = SharedKeys(bucket)  # type: ignore[arg-type]
         cache = FleetKeys(shared, unbound_ttl=60)
-        assert await cache.key_of("field", None) is None
-        assert await cache.key_of("field", None) is None
-        assert bucket.reads == 1  # "unbound" cached
+        results = await asyncio.gather(*(cache.key_of(f"field-{i}", None) for i in range(50)))
+        assert results == [None] * 50
+        assert await cache.key_of("field-0", None) is None
+        assert (bucket.lists, bucket.reads) == (1, 0)  # one listing for all, then from memory
         shared.bind("agent", "K1")
+        assert await cache.key_of("agent", None) is None  # the window: bound after the listing
+        cache._listed_until = 0.0  # the listing is unbound_ttl old
         reads = bucket.reads
         assert await cache.key_of("agent", "K1") == "K1"
         assert await cache.key_of("agent", "K1") == "K1"
