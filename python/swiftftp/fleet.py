@@ -404,11 +404,12 @@ class FleetKeys:
       bucket is read again: that is how a node learns of ``devices unbind`` or of a
       new binding after it) or an operator unbinds the id through this node;
     * "not bound in the fleet" comes from a listing of ``keys/`` (one LIST for every
-      login, whatever the device, made again when ``unbound_ttl`` seconds old: a
-      node's devices all coming back at once cost one request, not one each), and
-      for an id unbound by an operator from its tombstone, kept as long. Within that
-      window a binding made on another node is not seen here by a login *without* a
-      key (a login *with* one binds, and binding always asks the bucket);
+      login, whatever the device: a node's devices all coming back at once cost one
+      request, not one each; made again in the background, the old one standing
+      meanwhile, once ``unbound_ttl`` seconds old), and for an id unbound by an
+      operator from its tombstone, kept as long. Within that window a binding made
+      on another node is not seen here by a login *without* a key (a login *with*
+      one binds, and binding always asks the bucket);
     * a bucket that does not answer within ``timeout`` is an outage: one WARNING,
       then ``backoff`` seconds without asking (no thread pile-up), answers UNKNOWN.
 
@@ -432,13 +433,13 @@ class FleetKeys:
         #: Bucket calls made (tests, stats).
         self.asked = 0
 
-    async def ask(self, call: Callable[..., Any], *args: Any) -> Any:
+    async def ask(self, call: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
         """``call(*args)`` in a thread, bounded; UNKNOWN if the bucket did not answer."""
         if time.monotonic() < self._down_until:
             return UNKNOWN
         self.asked += 1
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(timeout or self.timeout):
                 result = await asyncio.to_thread(call, *args)
         except (FleetError, TimeoutError) as exc:
             self._down_until = time.monotonic() + self.backoff
@@ -460,19 +461,18 @@ class FleetKeys:
         if time.monotonic() >= self._listed_until:
             if self._listing_now is None or self._listing_now.done():
                 self._listing_now = asyncio.ensure_future(self._list())
-            listing = self._listing_now
-            try:
-                found = await asyncio.shield(listing)
-            finally:
-                if listing.done() and self._listing_now is listing:
-                    self._listing_now = None
-            if found is UNKNOWN:
-                return UNKNOWN
+            if self._listed_until == 0.0:  # none yet: wait for the first (bounded)
+                found = await asyncio.shield(self._listing_now)
+                if found is UNKNOWN:
+                    return UNKNOWN
+            # else the last listing stands while the next one is made (a large keys/
+            # takes a few pages): no login waits for it
         return android_id.encode().hex() in self._listing
 
     async def _list(self) -> Any:
         started = time.monotonic()
-        found = await self.ask(self.shared.listed)
+        # the first listing is waited for by logins; later ones run beside them
+        found = await self.ask(self.shared.listed, timeout=self.timeout if not self._listed_until else 30.0)
         if found is not UNKNOWN:
             self._listing, self._listed_until = found, started + self.unbound_ttl
         return found

@@ -79,7 +79,11 @@ def test_the_cache_reads_once_per_ttl_and_again_when_a_proof_fails() -> None:
         assert (bucket.lists, bucket.reads) == (1, 0)  # one listing for all, then from memory
         shared.bind("agent", "K1")
         assert await cache.key_of("agent", None) is None  # the window: bound after the listing
-        cache._listed_until = 0.0  # the listing is unbound_ttl old
+        cache._listed_until = 1.0  # the listing is unbound_ttl old: made again in the background,
+        assert await cache.key_of("agent", None) is None  # the old one standing meanwhile
+        assert cache._listing_now is not None
+        await cache._listing_now
+        assert bucket.lists == 2
         reads = bucket.reads
         assert await cache.key_of("agent", "K1") == "K1"
         assert await cache.key_of("agent", "K1") == "K1"
@@ -112,10 +116,14 @@ def test_an_unreachable_bucket_is_open_for_unknown_ids_closed_for_known_keys(
         asked = cache.asked
         assert await cache.key_of("field", None) is None
         assert cache.asked == asked  # backing off: no thread per login during the outage
+        if cache._listing_now is not None:
+            await cache._listing_now  # the one the outage began with
         bucket.down = False
         cache.backoff, cache._down_until = 0, 0.0
-        assert await cache.key_of("field", None) is None
-        assert cache.outage is None
+        assert await cache.key_of("field", None) is None  # a listing in the background…
+        assert cache._listing_now is not None
+        await cache._listing_now
+        assert cache.outage is None  # …that says the bucket is back
 
     asyncio.run(run())
     warnings = [r for r in caplog.records if getattr(r, "event", "") == "fleet_keys_unreachable"]
