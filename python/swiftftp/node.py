@@ -21,6 +21,7 @@ from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device, handle_tls_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
 from .fleet import Bucket, FleetKeys, Membership, ServerList, SharedKeys, SharedPrefixes, SharedUsage
+from .identity import fingerprint
 from .limits import Capacity, Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
@@ -216,7 +217,7 @@ class ProxyNode:
             self.registry.unbind(android_id)
             if key is not None:
                 self.registry.bind(android_id, key)
-            logs.event(log, "device_key_from_fleet", device=android_id, key=key or "-")
+            logs.event(log, "device_key_from_fleet", device=android_id, key=fingerprint(key) if key else "-")
 
     async def prefix_for(self, android_id: str) -> str:
         """The device's prefix. A device the registry knows costs no query once seen;
