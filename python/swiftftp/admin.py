@@ -53,6 +53,8 @@ async def _execute(node: Node, request: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(android_id, str):
             return {"ok": False, "error": "forget_key needs android_id"}
         node.registry.forget_key(android_id)
+        if node.keys is not None:  # and what it read of the fleet's (the bucket has changed too)
+            node.keys.forget(android_id)
         logs.event(log, "device_unbound", android_id=android_id)
         return {"ok": True}
     if command == "online":

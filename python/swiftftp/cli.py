@@ -385,12 +385,14 @@ def _devices(args: argparse.Namespace) -> int:
         return _fail(f"cannot open the registry {settings.registry_path}: {exc}", 1)
     period = period_key(settings.quota_period)
     shared = None
+    shared_keys = None
     try:
         if settings.fleet_bucket:  # usage and overrides are the fleet's, in the bucket
-            from .fleet import Bucket, SharedUsage
+            from .fleet import Bucket, SharedKeys, SharedUsage
 
             bucket = Bucket(settings.fleet_bucket, settings.s3_endpoint, settings.fleet_key_prefix)
             shared = SharedUsage(bucket)
+            shared_keys = SharedKeys(bucket)
     except ConfigError as exc:
         registry.close()
         return _fail(str(exc), 1)
@@ -436,7 +438,8 @@ def _devices(args: argparse.Namespace) -> int:
                 ("usage period", period), ("used", f"{used} ({human_bytes(used)})"),
                 ("quota", f"{quota or 'unlimited'} ({source})"),
                 ("upload rate", _rate(record.upload_rate)), ("download rate", _rate(record.download_rate)),
-                ("identity", _identity(record.public_key, record.key_bound)),
+                ("identity", _identity(record.public_key, record.key_bound) if shared_keys is None
+                 else _fleet_identity(shared_keys.read(record.android_id), record.public_key)),
             ):
                 print(f"{key:<14} {value}")
         elif args.action == "set-quota":
@@ -455,7 +458,13 @@ def _devices(args: argparse.Namespace) -> int:
             print(f"{record.prefix}: upload {_rate(up)}, download {_rate(down)} "
                   "(a running node applies it on SIGHUP or the device's next connection)")
         elif args.action == "unbind":
-            if record.public_key is None:
+            key = record.public_key
+            if shared_keys is not None:  # the fleet's binding: a tombstone tells every node
+                found = shared_keys.read(record.android_id)
+                key = (found or {}).get("key") or key
+                if key is not None:
+                    shared_keys.unbind(record.android_id)
+            if key is None:
                 print(f"{record.prefix}: not bound to a key; nothing to do")
                 return 0
             registry.unbind(record.android_id)
@@ -465,7 +474,9 @@ def _devices(args: argparse.Namespace) -> int:
                 running = "" if reply.get("ok") else f" (the running node said: {reply.get('error')})"
             except admin.AdminError:
                 running = ""  # no node running here: the next one reads the file
-            print(f"{record.prefix}: unbound from key {fingerprint(record.public_key)}; the next login "
+            fleet = (" in the fleet (other nodes learn it at the device's next login there)"
+                     if shared_keys else "")
+            print(f"{record.prefix}: unbound from key {fingerprint(key)}{fleet}; the next login "
                   f"of device id {record.android_id} is accepted without proof, and binds the key it "
                   f"presents{running}")
         elif args.action == "reset-usage":
@@ -492,6 +503,18 @@ def _identity(key: str | None, since: float | None) -> str:
         return "not bound (whoever logs in with this device id is taken for it)"
     when = f" since {time.ctime(since)}" if since else ""
     return f"bound to key {fingerprint(key)}{when}"
+
+
+def _fleet_identity(found: dict[str, Any] | None, local: str | None) -> str:
+    """``devices show``'s identity line in a fleet: the bucket's ``keys/<id>``."""
+    if found and found.get("key"):
+        return f"bound to key {fingerprint(found['key'])} since {time.ctime(found.get('bound', 0))} (fleet)"
+    if found:
+        return (f"not bound (unbound fleet-wide {time.ctime(found.get('unbound', 0))}; "
+                "whoever logs in with this device id is taken for it)")
+    if local is not None:  # bound before this node joined the fleet: published when it starts
+        return f"bound to key {fingerprint(local)} on this node only (published when the node starts)"
+    return "not bound (whoever logs in with this device id is taken for it)"
 
 
 def _used(registry: Any, fleet_used: dict[str, int] | None, record: Any, period: str) -> int:

@@ -22,7 +22,7 @@ from .channel import DeviceChannel
 from .command import CommandSession
 from .errors import Busy, ErrorCode, PeerClosed, ProtocolError
 from .ftp import Ftps
-from .identity import b64, new_challenge, new_token, parse_public_key, same_token, verify
+from .identity import b64, fingerprint, new_challenge, new_token, parse_public_key, same_token, verify
 from .net import accept_first, bracketed, close_gracefully, dial, normalize_ip
 from .protocol import action_of, error, field
 from .registry import AccountExists
@@ -93,12 +93,36 @@ async def login(node: Node, chan: DeviceChannel, expected: str | None = None) ->
             field(message, "swiftp_version", str, required=False)
         prefix = await node.prefix_for(android_id)
         if signed and key is not None and node.registry.key_of(android_id) is None:  # first use
-            if not node.registry.bind(android_id, key):  # another key was bound meanwhile
-                await refuse_identity(node, chan, android_id, "this device id is bound to another key")
-            logs.event(log, "device_bound", prefix=prefix, peer=_where(chan))
+            await _bind(node, chan, android_id, key, prefix)
         chan.paced = not stream
         await chan.send({})
         return Login(android_id, prefix, stream, key)
+
+
+async def _bind(node: Node, chan: DeviceChannel, android_id: str, key: str, prefix: str) -> None:
+    """Bind the key a first login proved: here, and in a fleet first in the bucket
+    (``keys/<id>``, created only if absent), so that another key bound on another
+    node refuses this login like a local one. A bucket that does not answer binds
+    nothing (the login goes on, unbound, as a login without a key would)."""
+    if node.keys is not None:
+        fleet_key = await node.keys.bind(android_id, key)
+        if fleet_key is None:
+            log.warning("device %s: key not bound: the fleet's bucket did not answer", prefix)
+            return
+        if fleet_key != key:
+            await refuse_identity(node, chan, android_id, "this device id is bound to another key")
+    if not node.registry.bind(android_id, key):  # another key was bound meanwhile
+        await refuse_identity(node, chan, android_id, "this device id is bound to another key")
+    logs.event(log, "device_bound", prefix=prefix, peer=_where(chan))
+
+
+def _normalised(offered: str | None) -> str | None:
+    """The login's ``key`` as :func:`parse_public_key` makes it; None if absent or bad
+    (a bad one is answered later)."""
+    try:
+        return parse_public_key(offered) if offered is not None else None
+    except ValueError:
+        return None
 
 
 def _where(chan: DeviceChannel) -> str:
@@ -132,9 +156,15 @@ async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str)
                                   "session token not valid (no command session of this device here)")
         assert command is not None
         return command.key, False
+    ip = normalize_ip(chan.peer[0])
+    if node.keys is not None:  # a fleet: the bucket's binding counts, read where it may matter
+        locked = node.guard.locked(node.guard.group(ip))  # then no read for a key it failed before
+        if bound is None:
+            bound = await node.keys.key_of(android_id, _normalised(offered), reread=not locked)
+        elif _normalised(offered) != bound and not locked:  # to be refused: unless changed fleet-wide
+            bound = await _reconcile(node, android_id, bound)
     if offered is None and bound is None:
         return None, False  # a device without a key (every field device): today's behaviour
-    ip = normalize_ip(chan.peer[0])
     if node.guard.locked(node.guard.group(ip)):
         node.refuse("locked out", _where(chan), ip)
         raise ProtocolError(ErrorCode.IDENTITY, "too many failed logins from this address; try again later")
@@ -157,6 +187,21 @@ async def prove(node: Node, chan: DeviceChannel, message: dict, android_id: str)
     if not verify(key, android_id, challenge, field(answer, "signature", str)):
         await refuse_identity(node, chan, android_id, "signature not valid")
     return key, True
+
+
+async def _reconcile(node: Node, android_id: str, local: str) -> str | None:
+    """A login did not prove the key this node's registry binds to the id: the fleet
+    decides (an operator may have unbound it, and a new key been bound, through
+    another node); this registry follows the bucket. The key to prove, or None."""
+    assert node.keys is not None
+    fleet_key = await node.keys.reconcile(android_id, local)
+    if fleet_key != local:
+        node.registry.unbind(android_id)
+        if fleet_key is not None:
+            node.registry.bind(android_id, fleet_key)
+        logs.event(log, "device_key_from_fleet", device=android_id,
+                   key=fingerprint(fleet_key) if fleet_key else "-")
+    return fleet_key
 
 
 async def refuse_identity(node: Node, chan: DeviceChannel, android_id: str, reason: str) -> None:

@@ -5,7 +5,8 @@ Nodes share three things, all kept in the bucket:
 * the device id → prefix map, so a device keeps its prefix, and its user's
   bookmarked URL, on whichever node it logs in to (docs/protocol.md);
 * the public server list devices pick a node from, kept fresh by heartbeats.
-* quota usage and operators' per-device overrides (:class:`SharedUsage`).
+* quota usage and operators' per-device overrides (:class:`SharedUsage`);
+* the Ed25519 key bound to a device id (:class:`SharedKeys`, :class:`FleetKeys`).
 
 Layout, under an optional key prefix::
 
@@ -15,6 +16,8 @@ Layout, under an optional key prefix::
     servers                       one host name per line: the nodes heard from lately
     usage/<period>/<id as hex>/<host>  {"bytes": N}        written by that node only
     overrides/<id as hex>         {"quota_bytes": …, "upload_rate": …, "download_rate": …}
+    keys/<id as hex>              {"key": "<base64>", "bound": <epoch>}   created once (If-None-Match: *)
+                                  {"key": null, "unbound": <epoch>}      ``devices unbind`` (a tombstone)
 
 Conditional creation (``If-None-Match: *``, which AWS S3, MinIO, Ceph and moto
 honour) is what makes two nodes that see a new device at the same moment agree
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -328,3 +332,198 @@ class SharedUsage:
     def prefix_of(self, android_id: str) -> str | None:
         found = self.bucket.get(f"devices/{android_id.encode().hex()}")
         return None if found is None else found.get("prefix")
+
+
+class SharedKeys:
+    """The fleet-wide device id → public key bindings (trust on first use, fleet-wide).
+
+    ``keys/<id as hex>`` holds ``{"key": "<base64>", "bound": <epoch>}``, created with
+    ``If-None-Match: *`` so that two nodes binding two keys at once agree on one.
+    ``devices unbind`` overwrites it with a tombstone ``{"key": null, "unbound": <epoch>}``
+    rather than deleting it: a node that finds *no* object while its own registry
+    holds a key has a binding from before it joined the fleet, and publishes it; a
+    node that finds the tombstone drops its own.  Blocks on the network."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    @staticmethod
+    def name(android_id: str) -> str:
+        return f"keys/{android_id.encode().hex()}"
+
+    def read(self, android_id: str) -> dict[str, Any] | None:
+        """The object (a binding or a tombstone); None if there never was one."""
+        return self.bucket.get(self.name(android_id))
+
+    def bind(self, android_id: str, key: str) -> str:
+        """Bind ``key`` unless another key is bound; the key bound in the fleet now."""
+        name = self.name(android_id)
+        for _ in range(5):
+            found, etag = self.bucket.get_tagged(name)
+            value = {"key": key, "bound": int(time.time())}
+            if found is None:
+                if self.bucket.create(name, value):
+                    logs.event(log, "fleet_key_bound", device=android_id)
+                    return key
+                continue  # another node bound it this moment: read theirs
+            if found.get("key"):
+                return str(found["key"])
+            assert etag is not None
+            if self.bucket.replace(name, value, etag):  # over the tombstone, if still that one
+                logs.event(log, "fleet_key_bound", device=android_id)
+                return key
+        raise FleetError(f"S3 bucket {self.bucket.name!r}: {name} kept changing under this node")
+
+    def reconcile(self, android_id: str, local: str) -> str | None:
+        """A device bound to ``local`` in this node's registry did not prove that key:
+        the fleet's key (``local`` published if the fleet has no record: a binding
+        from before this node joined), or None if an operator unbound it fleet-wide."""
+        found = self.read(android_id)
+        if found is None:
+            return self.bind(android_id, local)
+        return str(found["key"]) if found.get("key") else None
+
+    def listed(self) -> set[str]:
+        """The device ids (as hex) that have an object: bound, or unbound by an operator."""
+        return {name for name, _ in self.bucket.listing("keys/")}
+
+    def unbind(self, android_id: str) -> None:
+        """``devices unbind``: the tombstone (see the class)."""
+        self.bucket.put(self.name(android_id), orjson.dumps({"key": None, "unbound": int(time.time())}))
+
+
+#: A bucket call's answer when the bucket did not answer (in time).
+UNKNOWN: Any = object()
+
+
+class FleetKeys:
+    """A running node's view of :class:`SharedKeys`, cached so that a login costs an
+    S3 round trip only where the answer may have changed (README, "Device identity"):
+
+    * a key read from the bucket is kept until a login fails to prove it (then the
+      bucket is read again: that is how a node learns of ``devices unbind`` or of a
+      new binding after it) or an operator unbinds the id through this node;
+    * "not bound in the fleet" comes from a listing of ``keys/`` (one LIST for every
+      login, whatever the device: a node's devices all coming back at once cost one
+      request, not one each; made again in the background, the old one standing
+      meanwhile, once ``unbound_ttl`` seconds old), and for an id unbound by an
+      operator from its tombstone, kept as long. Within that window a binding made
+      on another node is not seen here by a login *without* a key (a login *with*
+      one binds, and binding always asks the bucket);
+    * a bucket that does not answer within ``timeout`` is an outage: one WARNING,
+      then ``backoff`` seconds without asking (no thread pile-up), answers UNKNOWN.
+
+    Bucket calls run in a thread; this object lives on the node's loop."""
+
+    def __init__(self, shared: SharedKeys, *, unbound_ttl: float = 60.0, timeout: float = 2.0,
+                 backoff: float = 10.0) -> None:
+        self.shared = shared
+        self.unbound_ttl = unbound_ttl
+        self.timeout = timeout
+        self.backoff = backoff
+        #: Keys the bucket holds (ids not bound in this node's registry).
+        self.bound: dict[str, str] = {}
+        self._unbound: dict[str, float] = {}  # id → monotonic time the answer goes stale
+        self._listing: set[str] = set()  # ids (hex) with an object in keys/, as last listed
+        self._listed_until = 0.0
+        self._listing_now: asyncio.Future[Any] | None = None  # the listing in flight
+        self._down_until = 0.0
+        #: Why the bucket did not answer; None while it does.
+        self.outage: str | None = None
+        #: Bucket calls made (tests, stats).
+        self.asked = 0
+
+    async def ask(self, call: Callable[..., Any], *args: Any, timeout: float | None = None) -> Any:
+        """``call(*args)`` in a thread, bounded; UNKNOWN if the bucket did not answer."""
+        if time.monotonic() < self._down_until:
+            return UNKNOWN
+        self.asked += 1
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                result = await asyncio.to_thread(call, *args)
+        except (FleetError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + self.backoff
+            if self.outage is None:
+                logs.event(log, "fleet_keys_unreachable", level=logging.WARNING,
+                           reason=str(exc) or f"no answer within {self.timeout:g} s",
+                           effect="logins of ids not bound on this node are accepted without proof")
+            self.outage = str(exc) or "timed out"
+            return UNKNOWN
+        if self.outage is not None:
+            logs.event(log, "fleet_keys_recovered")
+            self.outage = None
+        return result
+
+    async def _in_listing(self, android_id: str) -> Any:
+        """Whether the id has an object in ``keys/`` (UNKNOWN if the bucket did not
+        answer); from the last listing while it is fresh, else one listing shared by
+        every login that waits for it."""
+        if time.monotonic() >= self._listed_until:
+            if self._listing_now is None or self._listing_now.done():
+                self._listing_now = asyncio.ensure_future(self._list())
+            if self._listed_until == 0.0:  # none yet: wait for the first (bounded)
+                found = await asyncio.shield(self._listing_now)
+                if found is UNKNOWN:
+                    return UNKNOWN
+            # else the last listing stands while the next one is made (a large keys/
+            # takes a few pages): no login waits for it
+        return android_id.encode().hex() in self._listing
+
+    async def _list(self) -> Any:
+        started = time.monotonic()
+        # the first listing is waited for by logins; later ones run beside them
+        found = await self.ask(self.shared.listed, timeout=self.timeout if not self._listed_until else 30.0)
+        if found is not UNKNOWN:
+            self._listing, self._listed_until = found, started + self.unbound_ttl
+        return found
+
+    def forget(self, android_id: str) -> None:
+        self.bound.pop(android_id, None)
+        self._unbound.pop(android_id, None)
+
+    def _note(self, android_id: str, found: dict[str, Any] | None) -> str | None:
+        key = str(found["key"]) if found and found.get("key") else None
+        if key is None:
+            self.bound.pop(android_id, None)
+            self._unbound[android_id] = time.monotonic() + self.unbound_ttl
+        else:
+            self.bound[android_id] = key
+            self._unbound.pop(android_id, None)
+        return key
+
+    async def key_of(self, android_id: str, offered: str | None, *, reread: bool = True) -> str | None:
+        """The key the login of an id not bound on this node must prove; None: none
+        (unbound in the fleet, or the bucket unreachable: open, logged). A cached key
+        the login does not prove is read again (it may have been unbound) if ``reread``."""
+        cached = self.bound.get(android_id)
+        if cached is None:
+            if self._unbound.get(android_id, 0.0) > time.monotonic():
+                return None
+            listed = await self._in_listing(android_id)
+            if listed is UNKNOWN or not listed:
+                return None  # not bound in the fleet (or the bucket down: open)
+        elif cached == offered or not reread:
+            return cached
+        found = await self.ask(self.shared.read, android_id)  # first look, or the cached key failed
+        if found is UNKNOWN:
+            return cached  # a key seen bound stays bound (closed); else open
+        return self._note(android_id, found)
+
+    async def reconcile(self, android_id: str, local: str) -> str | None:
+        """An id bound to ``local`` here, whose login did not prove ``local``: the key
+        the fleet binds (None: unbound fleet-wide); ``local`` if the bucket is down."""
+        self.forget(android_id)  # what this node read before is stale too
+        found = await self.ask(self.shared.reconcile, android_id, local)
+        return local if found is UNKNOWN else found
+
+    async def bind(self, android_id: str, key: str) -> str | None:
+        """Bind ``key`` fleet-wide unless another is; the fleet's key, or None if the
+        bucket did not answer (then nothing is bound anywhere)."""
+        if self.bound.get(android_id) == key:
+            return key  # read from the bucket by this very login
+        found = await self.ask(self.shared.bind, android_id, key)
+        if found is UNKNOWN:
+            return None
+        self._note(android_id, {"key": found})
+        self._listing.add(android_id.encode().hex())
+        return str(found)

@@ -20,7 +20,8 @@ from .command import close_all
 from .config import OPTIONS, Settings, reloadable_changes
 from .devices import handle_device, handle_tls_device
 from .errors import Busy, ConfigError, ErrorCode, FleetError, ProtocolError, RegistryError
-from .fleet import Bucket, Membership, ServerList, SharedPrefixes, SharedUsage
+from .fleet import Bucket, FleetKeys, Membership, ServerList, SharedKeys, SharedPrefixes, SharedUsage
+from .identity import fingerprint
 from .limits import Capacity, Guard, Throttle
 from .net import bracketed, close_gracefully, listen_in_range, listen_on, normalize_ip, split_server
 from .quota import QuotaBook
@@ -83,6 +84,8 @@ class ProxyNode:
         self.stats_address: tuple[str, int] | None = None
         #: This node's place in the fleet; None outside a fleet.
         self.fleet: Membership | None = None
+        #: The fleet's key bindings (cached); None outside a fleet.
+        self.keys: FleetKeys | None = None
         self.implicit_port = 0
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -181,9 +184,40 @@ class ProxyNode:
         self.fleet = fleet
         # quotas, usage and overrides fleet-wide: usage/<period>/<device>/<host>, overrides/<device>
         self.quota.shared = SharedUsage(bucket, host)
+        # device keys fleet-wide: keys/<device> (trust on first use anywhere binds everywhere)
+        self.keys = FleetKeys(SharedKeys(bucket))
+        self.spawn(self._publish_keys(), "fleet-keys")
         self.spawn(fleet.run(), "fleet-heartbeat")
         log.info("in the fleet of bucket %s as %s; servers: %s", bucket.name, host,
                  ", ".join(fleet.servers))
+
+    async def _publish_keys(self) -> None:
+        """Keys this registry bound before the node joined the fleet go to the bucket
+        (created only if absent): the fleet's binding wins where it differs, and this
+        registry follows it. From a thread; a bucket that fails only logs."""
+        assert self.keys is not None
+        shared = self.keys.shared
+
+        def publish() -> dict[str, str | None]:
+            changed: dict[str, str | None] = {}
+            for record in self.registry.all():
+                if not record.public_key:
+                    continue
+                fleet_key = shared.reconcile(record.android_id, record.public_key)
+                if fleet_key != record.public_key:
+                    changed[record.android_id] = fleet_key
+            return changed
+
+        try:
+            changed = await asyncio.to_thread(publish)
+        except (FleetError, RegistryError) as exc:
+            log.warning("could not publish this node's device keys to the fleet: %s", exc)
+            return
+        for android_id, key in changed.items():  # the fleet's binding differs: follow it
+            self.registry.unbind(android_id)
+            if key is not None:
+                self.registry.bind(android_id, key)
+            logs.event(log, "device_key_from_fleet", device=android_id, key=fingerprint(key) if key else "-")
 
     async def prefix_for(self, android_id: str) -> str:
         """The device's prefix. A device the registry knows costs no query once seen;

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from .command import CommandSession
     from .config import Settings
-    from .fleet import Membership
+    from .fleet import FleetKeys, Membership
     from .limits import Guard, Throttle
     from .quota import QuotaBook
     from .registry import Registry
@@ -235,6 +235,8 @@ class Node(Protocol):
     pending_listeners: int
     keepalives: Wheel
     fleet: Membership | None
+    #: The fleet's device key bindings; None outside a fleet.
+    keys: FleetKeys | None
     #: FTPS (tls.NodeTls); None without a certificate.
     tls: NodeTls | None
 

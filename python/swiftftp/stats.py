@@ -170,6 +170,9 @@ def snapshot(node: Node) -> dict[str, Any]:
         "fleet_servers": list(node.fleet.servers) if node.fleet else None,
         # why this node's usage could not reach the fleet's bucket lately; None: it did
         "fleet_usage_error": node.quota.fleet_error,
+        # why the fleet's device keys could not be read lately (logins of ids not bound
+        # here are accepted without proof meanwhile); None: they could, or no fleet
+        "fleet_keys_error": node.keys.outage if node.keys else None,
         # mean bytes/s of each step, oldest first (the status page's sparkline)
         "throughput_history": {
             "step_seconds": HISTORY_STEP,
@@ -245,6 +248,9 @@ class NodeCollector:
             yield GaugeMetricFamily("swiftftp_fleet_usage_unreachable", "1 while this node's quota "
                                     "usage cannot reach the fleet's bucket (kept in memory meanwhile)",
                                     value=int(bool(s["fleet_usage_error"])))
+            yield GaugeMetricFamily("swiftftp_fleet_keys_unreachable", "1 while the fleet's device keys "
+                                    "cannot be read (ids not bound on this node are accepted without proof)",
+                                    value=int(bool(s["fleet_keys_error"])))
         d = CounterMetricFamily(
             "swiftftp_device_relayed_bytes",
             f"Bytes relayed for each online device since the node started (the {DEVICE_SERIES} "

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +27,22 @@ import orjson
 import pytest
 
 from swiftftp.agent import Agent, AgentSettings
+from swiftftp.identity import DeviceKey, fingerprint, load_or_create_key, unb64
 from swiftftp.quota import period_key
 from swiftftp.stats import human_bytes, snapshot
 from tests.fielddevice import FieldDevice, read_one, write_one
 from tests.helpers import wait_until
-from tests.stack import FTP_PASSWORD, FTP_USER, FtpServerThread, LoopThread, ProxyThread, node_settings
+from tests.integration.test_identity import Stranger, refused
+from tests.integration.test_identity import login as json_login
+from tests.stack import (
+    FTP_PASSWORD,
+    FTP_USER,
+    AgentProcess,
+    FtpServerThread,
+    LoopThread,
+    ProxyThread,
+    node_settings,
+)
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fleet-test", "AWS_SECRET_ACCESS_KEY": "fleet-test",
                "AWS_DEFAULT_REGION": "us-east-1"}
@@ -497,3 +509,166 @@ def test_an_unreachable_bucket_keeps_the_counts(
             device.stop()
     warnings = [r for r in caplog.records if getattr(r, "event", "") == "fleet_usage_unreachable"]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+# ---- device keys, fleet-wide ------------------------------------------------------------------
+
+
+def fleet_key(bucket: tuple[Any, str], android_id: str) -> dict | None:
+    """The bucket's ``keys/<id as hex>``, or None."""
+    client, name = bucket
+    try:
+        found = client.get_object(Bucket=name, Key=f"keys/{android_id.encode().hex()}")
+    except client.exceptions.NoSuchKey:
+        return None
+    return orjson.loads(found["Body"].read())
+
+
+def keyed_login(port: int, source: str, android_id: str, key: DeviceKey) -> dict:
+    """A login that proves ``key`` (signs the node's challenge): the node's last answer."""
+    device = Stranger(port, source)
+    try:
+        device.send(json_login(android_id, key=key.public))
+        reply = device.recv()
+        if "challenge" in reply:
+            device.send({"action": "login_proof",
+                         "signature": key.sign(android_id, unb64(reply["challenge"], 32))})
+            reply = device.recv()
+        return reply
+    finally:
+        device.close()
+
+
+def keyless_login(port: int, android_id: str) -> dict:
+    device = Stranger(port, "127.0.0.1")
+    try:
+        device.send(json_login(android_id))
+        return device.recv()
+    finally:
+        device.close()
+
+
+@pytest.mark.parametrize("backend_name", ["rust"])
+def test_a_key_bound_on_one_node_is_bound_on_every_node(
+    fleet: Any, bucket: tuple[Any, str], s3_endpoint: str, tmp_path: Path
+) -> None:
+    """The agent binds its key on A: on B, where its id was never seen, a stranger with
+    the id and no key, or another key, gets error 16; the agent itself logs in on B
+    and moves files. ``devices unbind`` with A's configuration unbinds it fleet-wide:
+    a new key binds on B (where the old one was bound too), and A then refuses the old."""
+    a = fleet("a.test", guess_max_failures=100)
+    b = fleet("b.test", guess_max_failures=100)
+    (tmp_path / "root").mkdir()
+    ftpd = FtpServerThread(tmp_path / "root")
+    state = tmp_path / "agent"
+    agent = AgentProcess(a, "127.0.0.1", ftpd.port, state)
+    try:
+        device_id = (state / "agent-device-id").read_text().strip()
+        key = load_or_create_key(state)[0]
+        prefix = agent.prefix
+        assert (fleet_key(bucket, device_id) or {}).get("key") == key.public
+        start = {"action": "start_command_session"}
+        assert "bound to a key" in refused(b.device_port, "127.0.0.2", json_login(device_id), start)
+        other = DeviceKey.generate()
+        assert "another key" in refused(b.device_port, "127.0.0.2", json_login(device_id, key=other.public),
+                                        start)
+        assert "another key" in refused(b.device_port, "127.0.0.2", json_login(device_id, key=other.public))
+        assert b.run(lambda n: n.stats.login_failures) == 3
+        assert b.run(lambda n: n.registry.key_of(device_id)) is None  # nothing bound by strangers
+        assert agent.close() == 0
+        agent = AgentProcess(b, "127.0.0.1", ftpd.port, state)  # the agent moves to b
+        assert agent.prefix == prefix
+        assert b.run(lambda n: n.registry.key_of(device_id)) == key.public
+        asked = b.run(lambda n: n.keys.asked)
+        data = os.urandom(200_000)
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", b.ftp_port, timeout=20)
+        ftp.login(f"{prefix}_{FTP_USER}", FTP_PASSWORD)
+        ftp.storbinary("STOR moved.bin", io.BytesIO(data))
+        got = io.BytesIO()
+        ftp.retrbinary("RETR moved.bin", got.write)
+        ftp.quit()
+        assert sha(got.getvalue()) == sha(data)
+        assert b.run(lambda n: n.keys.asked) == asked  # data connections: the token, no bucket read
+
+        config_a = cli_config(tmp_path, a, bucket, s3_endpoint)
+        done = cli(config_a, "unbind", prefix)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"{prefix}: unbound from key {fingerprint(key.public)} in the fleet")
+        assert (fleet_key(bucket, device_id) or {}).get("key", "absent") is None  # the tombstone
+        assert "unbound fleet-wide" in cli(config_a, "show", prefix).stdout
+        new = DeviceKey.generate()  # b still has the old key in its registry: it asks the bucket
+        assert keyed_login(b.device_port, "127.0.0.3", device_id, new) == {}
+        assert (fleet_key(bucket, device_id) or {}).get("key") == new.public
+        assert b.run(lambda n: n.registry.key_of(device_id)) == new.public
+        assert "bound to a key" in refused(a.device_port, "127.0.0.2", json_login(device_id))
+        assert "another key" in refused(a.device_port, "127.0.0.2", json_login(device_id, key=key.public))
+        assert keyed_login(a.device_port, "127.0.0.3", device_id, new) == {}
+        assert f"bound to key {fingerprint(new.public)}" in cli(config_a, "show", prefix).stdout
+    finally:
+        agent.close()
+        ftpd.close()
+
+
+@pytest.mark.parametrize("backend_name", ["rust"])
+def test_an_unreachable_bucket_keeps_bound_ids_closed_and_others_open(
+    fleet: Any, bucket: tuple[Any, str], s3_endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """"Unbound in the fleet" is known from a listing (a keyless device's logins cost no read);
+    with the bucket unreachable an id bound here still needs its proof, an id not bound
+    here is accepted after one bounded wait, with one warning for the outage."""
+    link = CutLink(s3_endpoint)
+    a = fleet("a.test", s3_endpoint=link.url, guess_max_failures=100)
+    key = DeviceKey.generate()
+    assert keyed_login(a.device_port, "127.0.0.1", "keyed-meter", key) == {}
+    assert (fleet_key(bucket, "keyed-meter") or {}).get("key") == key.public
+    asked = a.run(lambda n: n.keys.asked)
+    for _ in range(3):
+        assert keyless_login(a.device_port, "field-meter") == {}
+    assert a.run(lambda n: n.keys.asked) == asked  # "unbound": the listing of keys/ made above
+
+    def expire(node: Any) -> None:  # every login asks the bucket from now on
+        node.keys.unbound_ttl, node.keys.backoff, node.keys._listed_until = 0, 1.0, 0.0
+        node.keys.timeout = 1.0  # (2 s by default) well within the test's 3 s login timeout
+
+    a.run(expire)
+    link.cut()
+    try:
+        started = time.monotonic()
+        assert keyless_login(a.device_port, "field-meter") == {}  # open: the bounded wait
+        assert keyless_login(a.device_port, "field-meter") == {}  # no more waiting in the outage
+        assert time.monotonic() - started < 3
+        assert "bound to a key" in refused(a.device_port, "127.0.0.2", json_login("keyed-meter"))
+        other = DeviceKey.generate()
+        assert "another key" in refused(a.device_port, "127.0.0.2",
+                                        json_login("keyed-meter", key=other.public))
+        assert keyed_login(a.device_port, "127.0.0.1", "keyed-meter", key) == {}
+        assert a.run(lambda n: snapshot(n)["fleet_keys_error"])
+    finally:
+        link.mend()
+    wait_until(lambda: keyless_login(a.device_port, "field-meter") == {}
+               and a.run(lambda n: n.keys.outage) is None, 15, "the bucket answering again")
+    warnings = [r for r in caplog.records if getattr(r, "event", "") == "fleet_keys_unreachable"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+@pytest.mark.parametrize("backend_name", ["rust"])
+def test_a_binding_from_before_the_fleet_is_published_when_the_node_joins(
+    fleet: Any, bucket: tuple[Any, str], tmp_path: Path
+) -> None:
+    """A node bound a key on its own; started in a fleet, it publishes it, and the
+    other nodes refuse a login of that id without the key."""
+    solo = ProxyThread(node_settings(tmp_path / "node0"))  # the state dir of the fleet's first node
+    key = DeviceKey.generate()
+    try:
+        assert keyed_login(solo.device_port, "127.0.0.1", "old-agent", key) == {}
+    finally:
+        solo.close()
+    a = fleet("a.test")
+    assert a.node.settings.state_dir == tmp_path / "node0"
+    b = fleet("b.test")
+    wait_until(lambda: (fleet_key(bucket, "old-agent") or {}).get("key") == key.public, 10,
+               "the binding published")
+    assert a.run(lambda n: n.registry.key_of("old-agent")) == key.public
+    assert "bound to a key" in refused(b.device_port, "127.0.0.2", json_login("old-agent"))
+    assert keyed_login(b.device_port, "127.0.0.1", "old-agent", key) == {}
