@@ -164,7 +164,7 @@ class CommandSession:
         if device.command is self:
             node.table.set_command(device, None)
         if self.info is not None:
-            log.info("command session of %s closed: %s", device.prefix, reason)
+            log.debug("command session of %s closed: %s", device.prefix, reason)  # INFO: session close
             node.close_session(self.info, outcome)
         node.table.forget_if_idle(device)
         if graceful:

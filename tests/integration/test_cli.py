@@ -167,10 +167,11 @@ def test_sighup_reload_devices_and_stats_commands(node: Node, backend_name: str,
     # JSON logs, with the session id on the session's lines
     entries = [orjson.loads(line) for _, line in node.logs if line.strip()]
     assert all({"time", "level", "logger", "session", "message"} <= set(e) for e in entries)
-    opened = [e for e in entries if e["message"].startswith("session open")]
-    assert {e["message"].split("kind=")[1].split()[0] for e in opened} == {"command", "control", "data"}
-    for e in opened:
-        assert f"id={e['session']} " in e["message"]
+    closed = [e for e in entries if e.get("event") == "session_close"]
+    assert {e["kind"] for e in closed} == {"command", "control", "data"}
+    for e in closed:  # the facts as fields, the session id on the session's own line
+        assert e["id"] == e["session"] and e["message"].startswith(f"session close id={e['session']} ")
+        assert {"prefix", "peer", "up", "down", "duration", "reason"} <= set(e)
     assert any(e["message"] == "stopped" for e in entries)
     transfers = (tmp_path / "state" / "transfers.log").read_text().splitlines()
     assert len(transfers) == 1 and orjson.loads(transfers[0])["bytes"] == 3_500_000
