@@ -384,17 +384,11 @@ class Registry:
 
     def key_of(self, android_id: str) -> str | None:
         """The public key bound to the device id (base64), or None: unbound or unknown.
-        From memory once the device was seen, else one SELECT."""
-        if android_id in self._prefixes:
-            return self._keys.get(android_id)
-        with self._sql() as db:
-            row = db.execute(
-                "SELECT prefix, public_key FROM devices WHERE android_id = ?", (android_id,)
-            ).fetchone()
-        if row is None:
+        From memory once the device was seen, else the SELECT of :meth:`lookup`, which
+        remembers the key with the prefix."""
+        if self.lookup(android_id, seen=False) is None:
             return None
-        self._remember(android_id, row[0], row[1])
-        return row[1]
+        return self._keys.get(android_id)
 
     def bind(self, android_id: str, key: str) -> bool:
         """Bind ``key`` to the device (known to the registry) unless it is bound already;
